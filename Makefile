@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Everything runs from the repository root.
+PY ?= python3
+DEMO ?= demo
+# Requirements are declared once, in setup.cfg; these read them from there.
+REQS = $(PY) -c 'import configparser as c; p = c.ConfigParser(); p.read("setup.cfg"); print(p["options"]["install_requires"])'
+TEST_REQS = $(PY) -c 'import configparser as c; p = c.ConfigParser(); p.read("setup.cfg"); print(p["options.extras_require"]["test"])'
+
+.PHONY: deps test-deps demo test bench clean
+
+# torch first and pinned: a bare `torch` requirement can pull a multi-GB CUDA build where a CPU one would do.
+deps:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q $$($(REQS))
+
+test-deps: deps
+	@$(PY) -m pip install -q $$($(TEST_REQS))
+
+$(DEMO)/images/.done:
+	$(PY) -m preprocess.make_demo $(DEMO)/images
+	touch $@
+
+demo: deps $(DEMO)/images/.done
+	$(PY) -m preprocess.build_lmdb $(DEMO)/images/train $(DEMO)/train --size 80 --overwrite
+	$(PY) -m preprocess.build_lmdb $(DEMO)/images/val $(DEMO)/val --size 80 --classes-from $(DEMO)/train --overwrite
+	$(PY) -m preprocess.verify $(DEMO)/train --quiet
+	$(PY) -m preprocess.verify $(DEMO)/val --quiet
+	@echo "demo splits ready: $(DEMO)/train, $(DEMO)/val"
+
+test: test-deps
+	$(PY) -m pytest
+
+bench: deps
+	$(PY) -m bench.build
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

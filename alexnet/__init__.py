@@ -1,0 +1,1 @@
+"""AlexNet as in the paper, and the machinery that train.py and evaluate.py share."""

@@ -1,0 +1,150 @@
+"""The on-disk format of a packed split: the one definition the builder and the reader share.
+
+A split is a directory holding ``meta.json`` and one or more LMDB environments (shards).
+Each record's key is its global index as an 8-byte big-endian unsigned integer, so a cursor
+walks records in index order; its value is a msgpack map (see ``pack_record``). Nothing is
+pickled: a split from a stranger is safe to open. ``docs/FORMAT.md`` is the prose version.
+"""
+import json
+import os
+import struct
+import zlib
+
+import cv2
+import lmdb
+import msgpack
+import numpy as np
+
+FORMAT = "alexnet-lmdb"
+VERSION = 1
+META_FILE = "meta.json"
+MEAN_IMAGE_FILE = "mean_image.npy"
+ENCODINGS = ("jpeg", "png", "raw")
+RECORD_FIELDS = ("image", "label", "shape", "source", "crc32")
+META_FIELDS = (
+    "format", "version", "num_records", "classes", "size", "encoding", "quality",
+    "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "shards", "skipped",
+)
+_KEY = struct.Struct(">Q")
+
+
+class FormatError(ValueError):
+    """A split, shard or record that does not follow this format; the message names it."""
+
+
+def encode_key(index):
+    return _KEY.pack(index)
+
+
+def decode_key(key):
+    return _KEY.unpack(key)[0]
+
+
+def shard_name(i):
+    return f"shard-{i:05d}"
+
+
+def pack_record(image, label, shape, source):
+    """msgpack map of one record; ``image`` is the encoded file, or raw H×W×3 RGB bytes."""
+    return msgpack.packb({
+        "image": image, "label": int(label), "shape": [int(s) for s in shape],
+        "source": source, "crc32": zlib.crc32(image),
+    })
+
+
+def unpack_record(value, *, where="record"):
+    """The record's map, with its crc32 checked; ``where`` names it in any error."""
+    try:
+        rec = msgpack.unpackb(value, raw=False)
+    except Exception as exc:
+        raise FormatError(f"{where}: not a msgpack record ({exc})") from None
+    if not isinstance(rec, dict) or any(f not in rec for f in RECORD_FIELDS):
+        raise FormatError(f"{where}: record lacks one of the fields {', '.join(RECORD_FIELDS)}")
+    if zlib.crc32(rec["image"]) != rec["crc32"]:
+        raise FormatError(f"{where} (source {rec['source']!r}): crc32 mismatch, the image bytes are corrupt; "
+                          "rebuild the split or restore the shard from a copy")
+    return rec
+
+
+def encode_image(img, encoding, quality=90, *, bgr=False):
+    """Encoded bytes of an H×W×3 uint8 array, RGB (or OpenCV's BGR with ``bgr=True``, saving a copy)."""
+    if encoding == "raw":
+        return (cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(img)).tobytes()
+    if encoding not in ENCODINGS:
+        raise FormatError(f"unknown encoding {encoding!r}; one of {', '.join(ENCODINGS)}")
+    bgr = img if bgr else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]) if encoding == "jpeg" else (".png", [])
+    ok, buf = cv2.imencode(ext, bgr, params)
+    if not ok:
+        raise FormatError(f"cannot encode a {rgb.shape} image as {encoding}")
+    return buf.tobytes()
+
+
+def decode_image(rec, encoding, *, where="record"):
+    """H×W×3 RGB uint8 array of an unpacked record, checked against its declared shape."""
+    shape = tuple(rec["shape"])
+    if encoding == "raw":
+        if len(rec["image"]) != int(np.prod(shape)):
+            raise FormatError(f"{where} (source {rec['source']!r}): raw image has {len(rec['image'])} bytes, "
+                              f"shape {list(shape)} needs {int(np.prod(shape))}")
+        return np.frombuffer(rec["image"], np.uint8).reshape(shape)
+    bgr = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FormatError(f"{where} (source {rec['source']!r}): the {encoding} image does not decode")
+    if bgr.shape != shape:
+        raise FormatError(f"{where} (source {rec['source']!r}): decoded shape {list(bgr.shape)}, "
+                          f"declared {list(shape)}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to a temp file, fsync, rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(root):
+    """meta.json of a split as a dict, checked for this format and version."""
+    path = os.path.join(root, META_FILE)
+    if not os.path.isdir(root):
+        raise FormatError(f"{root}: no such split directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing; {root} is not a packed split (or its build did not finish)") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                          f"expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise FormatError(f"{path}: version {meta.get('version')!r}, this code reads version {VERSION}; "
+                          "rebuild the split with this version of preprocess.build_lmdb")
+    missing = [k for k in META_FIELDS if k not in meta]
+    if missing:
+        raise FormatError(f"{path}: missing field(s) {', '.join(missing)}")
+    return meta
+
+
+def read_mean_image(root, meta):
+    """The per-pixel mean image (H×W×3 float32, RGB, 0–255), or None if the split has none."""
+    name = meta.get("mean_image")
+    if not name:
+        return None
+    return np.load(os.path.join(root, name), allow_pickle=False)
+
+
+def open_shard(path, *, write=False, map_size=1 << 30, readahead=False):
+    """An LMDB environment for one shard: a directory, one unnamed database, no locking for readers."""
+    if write:
+        return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=0, sync=True, metasync=True)
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: shard directory is missing")
+    return lmdb.open(path, readonly=True, lock=False, readahead=readahead, subdir=True, max_dbs=0,
+                     max_readers=2048)

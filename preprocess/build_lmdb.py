@@ -1,0 +1,405 @@
+"""Pack one split into LMDB shards: ``python -m preprocess.build_lmdb SRC OUT [options]``.
+
+Each image is decoded, rescaled so its shorter side is ``--size`` and centre-cropped to a square (paper
+Sec. 2), encoded, and written as one record (``datasets/format.py``, ``docs/FORMAT.md``). The pixel
+statistics for mean subtraction and the PCA colour shift come out of the same pass.
+
+The build runs in ``OUT.partial`` beside OUT and is renamed to OUT only when complete, so OUT never looks
+complete unless it is. Progress is committed every few seconds; ``--resume`` continues an interrupted
+build and yields the same records as an uninterrupted one.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import cv2
+import lmdb
+import msgpack
+import numpy as np
+from tqdm import tqdm
+
+from datasets import format as fmt
+from preprocess import image_ops
+from preprocess.sources import FORMATS, MissingFile, SourceError, open_source
+from preprocess.stats import PixelStats
+
+PLAN_FILE = "plan.json"
+PROGRESS_FILE = "progress.msgpack"
+SHARD_BYTES = 1 << 30
+CHUNK = 32  # images per task handed to a worker
+COMMIT_RECORDS, COMMIT_SECONDS = 2048, 2.0
+EST_BYTES_PER_PIXEL = {"jpeg": 0.5, "png": 2.0, "raw": 3.0}  # for the default shard count
+
+
+class BuildError(Exception):
+    """A build that cannot go on; the message names the file, record or option and what to do."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a worker needs to turn an input into a record."""
+    size: int = 256
+    encoding: str = "jpeg"
+    quality: int = 90
+    exact: bool = False
+    max_pixels: int = 178_956_970
+    mean_image: bool = False
+
+
+def to_record_image(data, opts):
+    """One input (file bytes, an RGB array, or a MissingFile) -> the size×size BGR square."""
+    if isinstance(data, MissingFile):
+        raise image_ops.SkipImage("missing file", str(data))
+    if isinstance(data, np.ndarray):
+        bgr = cv2.cvtColor(data, cv2.COLOR_RGB2BGR)
+    else:
+        bgr = image_ops.decode(data, size=opts.size, exact=opts.exact, max_pixels=opts.max_pixels)
+    return image_ops.to_square(bgr, opts.size, exact=opts.exact)
+
+
+_worker = {}
+
+
+def _init_worker(source, opts):
+    cv2.setNumThreads(1)  # one core per worker: parallelism comes from processes
+    _worker.update(source=source, opts=opts)
+
+
+def _process_chunk(indices):
+    """Records (or skip reasons) for a list of input indices, and the chunk's pixel statistics."""
+    source, opts = _worker["source"], _worker["opts"]
+    size = opts.size
+    stats = PixelStats((size, size, 3) if opts.mean_image else None)
+    out = []
+    for i, data in zip(indices, source.load(indices)):
+        try:
+            square = to_record_image(data, opts)
+        except image_ops.SkipImage as skip:
+            out.append((None, {"source": source.name(i), "reason": str(skip)}))
+            continue
+        stats.add(square)
+        image = fmt.encode_image(square, opts.encoding, opts.quality, bgr=True)
+        out.append((fmt.pack_record(image, source.label(i), square.shape, source.name(i)), None))
+    return out, stats.to_dict(with_image=True)
+
+
+def _put_all(env, start, values):
+    """Write records with consecutive keys from ``start`` in one transaction, growing the map if full."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for k, v in enumerate(values, start):
+                    if not txn.put(fmt.encode_key(k), v, append=True):
+                        raise BuildError(f"record {k} already exists in {env.path()}")
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+class _Writer:
+    """Writes records to the shards in order and keeps ``progress.msgpack`` in step with LMDB commits."""
+
+    def __init__(self, tmp, opts, map_size, progress):
+        self.tmp, self.opts, self.map_size = tmp, opts, map_size
+        self.shards = [PixelStats.from_dict(s) for s in progress["shards"]]
+        self.counts = list(progress["counts"])
+        self.total = PixelStats.from_dict(progress["total"])
+        self.skipped = list(progress["skipped"])
+        self.position = progress["position"]
+        self.env, self.shard, self.pending, self.last_commit = None, None, [], time.monotonic()
+
+    def _open(self, s):
+        self.commit()
+        if self.env is not None:
+            self.env.close()
+        while len(self.counts) <= s:
+            self.counts.append(0)
+            self.shards.append(PixelStats())
+        self.shard = s
+        self.env = fmt.open_shard(os.path.join(self.tmp, fmt.shard_name(s)), write=True, map_size=self.map_size)
+
+    def add(self, shard, n_inputs, results, stats, strict):
+        if shard != self.shard:
+            self._open(shard)
+        for value, skip in results:
+            if skip is not None:
+                if strict:
+                    raise BuildError(f"{skip['source']}: {skip['reason']} (--strict makes any skip an error; "
+                                     "fix or remove the file, then run again with --resume)")
+                self.skipped.append(skip)
+            else:
+                self.pending.append(value)
+        chunk = PixelStats.from_dict(stats)
+        self.total.merge(chunk)
+        image_sum, chunk.image_sum = chunk.image_sum, None
+        self.shards[shard].merge(chunk)
+        chunk.image_sum = image_sum
+        self.position += n_inputs
+        if len(self.pending) >= COMMIT_RECORDS or time.monotonic() - self.last_commit > COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self):
+        """LMDB first, then the progress file: a kill between the two leaves extra records, which
+        ``--resume`` deletes, never missing ones."""
+        if self.env is None:
+            return
+        start = sum(self.counts)
+        _put_all(self.env, start, self.pending)
+        self.counts[self.shard] += len(self.pending)
+        self.pending = []
+        progress = {"position": self.position, "counts": self.counts, "skipped": self.skipped,
+                    "shards": [s.to_dict() for s in self.shards], "total": self.total.to_dict(with_image=True)}
+        path = os.path.join(self.tmp, PROGRESS_FILE)
+        with open(path + ".tmp", "wb") as f:
+            f.write(msgpack.packb(progress))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self.last_commit = time.monotonic()
+
+    def close(self):
+        self.commit()
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_plan(tmp, plan):
+    """The saved plan of an interrupted build, checked against this one; the progress to resume from."""
+    try:
+        with open(os.path.join(tmp, PLAN_FILE), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BuildError(f"{tmp}: cannot resume, its {PLAN_FILE} is unreadable ({exc}); "
+                         "start over with --overwrite") from None
+    for key in plan["params"]:
+        if saved["params"].get(key) != plan["params"][key]:
+            raise BuildError(f"{tmp}: cannot resume, option {key!r} was {saved['params'].get(key)!r} and is now "
+                             f"{plan['params'][key]!r}; use the same options, or start over with --overwrite")
+    if saved["digest"] != plan["digest"]:
+        raise BuildError(f"{tmp}: cannot resume, the input list changed since the build started "
+                         "(files added, removed or relabelled); start over with --overwrite")
+    try:
+        with open(os.path.join(tmp, PROGRESS_FILE), "rb") as f:
+            return msgpack.unpackb(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _truncate(tmp, progress):
+    """Drop what an interrupted build wrote after its last saved progress."""
+    last = len(progress["counts"]) - 1
+    for name in sorted(os.listdir(tmp)):
+        if name.startswith("shard-") and int(name[6:]) > last:
+            shutil.rmtree(os.path.join(tmp, name))
+    if last >= 0:
+        keep = sum(progress["counts"])
+        env = fmt.open_shard(os.path.join(tmp, fmt.shard_name(last)), write=True)
+        with env.begin(write=True) as txn:
+            cur = txn.cursor()
+            while cur.set_range(fmt.encode_key(keep)):
+                cur.delete()
+        env.close()
+
+
+def default_workers():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build(src, out, *, format=None, root=None, split="train", h5_images="images", h5_labels="labels",
+          size=256, encoding="jpeg", quality=90, shards=None, workers=None, seed=0, shuffle=True,
+          exact=False, mean_image=False, classes_from=None, strict=False, max_pixels=178_956_970,
+          resume=False, overwrite=False, quiet=False, map_size=None):
+    """Build the split OUT from SRC; returns the summary (also printed unless ``quiet``)."""
+    t0 = time.monotonic()
+    out = os.path.abspath(out.rstrip("/"))
+    tmp = out + ".partial"
+    if encoding not in fmt.ENCODINGS:
+        raise BuildError(f"--encoding {encoding!r}: one of {', '.join(fmt.ENCODINGS)}")
+    if size < 1 or not 1 <= quality <= 100 or (shards is not None and shards < 1) or (workers is not None and workers < 1):
+        raise BuildError("--size, --shards and --workers must be >= 1, --quality in 1..100")
+    if os.path.exists(out) and not overwrite:
+        raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+    if os.path.exists(tmp) and not (resume or overwrite):
+        raise BuildError(f"{tmp} holds an interrupted build; pass --resume to continue it, "
+                         "or --overwrite to start over")
+    classes = None
+    if classes_from is not None:
+        try:
+            classes = fmt.read_meta(classes_from)["classes"]
+        except fmt.FormatError as exc:
+            raise BuildError(f"--classes-from: {exc}") from None
+    source = open_source(src, fmt=format, root=root, split=split, h5_images=h5_images, h5_labels=h5_labels,
+                         classes=classes)
+    n = len(source)
+    opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
+    est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
+    num_shards = max(1, min(n, shards or -(-int(est) // SHARD_BYTES)))
+    params = {**asdict(opts), "source": os.path.abspath(src), "format": format, "root": root, "split": split,
+              "h5_images": h5_images, "h5_labels": h5_labels, "shards": num_shards, "seed": seed,
+              "shuffle": shuffle, "classes": source.classes}
+    plan = {"params": params, "digest": source.digest(), "num_items": n}
+
+    progress = None
+    if resume and os.path.exists(tmp):
+        progress = _load_plan(tmp, plan)
+    else:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        fmt.write_json_atomic(os.path.join(tmp, PLAN_FILE), plan)
+    if progress is None:
+        progress = {"position": 0, "counts": [], "skipped": [], "shards": [],
+                    "total": PixelStats((size, size, 3) if mean_image else None).to_dict(with_image=True)}
+    else:
+        _truncate(tmp, progress)
+        if not quiet:
+            print(f"resuming {tmp} at input {progress['position']} of {n}", file=sys.stderr)
+
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    bounds = np.linspace(0, n, num_shards + 1).astype(int)
+    tasks = [(s, order[a:min(a + CHUNK, bounds[s + 1])].tolist())
+             for s in range(num_shards)
+             for a in range(max(bounds[s], progress["position"]), bounds[s + 1], CHUNK)]
+    shard_map = map_size or int(est / num_shards * 1.5) + (16 << 20)
+    writer = _Writer(tmp, opts, shard_map, progress)
+    workers = workers or default_workers()
+    bar = tqdm(total=n, initial=progress["position"], unit="img", disable=quiet, file=sys.stderr,
+               smoothing=0.05, dynamic_ncols=True)
+    pool, start = None, progress["position"]
+    try:
+        if workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, opts))
+            results = pool.imap(_process_chunk, [idx for _, idx in tasks])
+        else:
+            _init_worker(source, opts)
+            results = map(_process_chunk, [idx for _, idx in tasks])
+        for (s, idx), (records, stats) in zip(tasks, results):
+            writer.add(s, len(idx), records, stats, strict)
+            bar.update(len(idx))
+        writer.close()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+        writer.env and writer.env.close()
+
+    num_records = sum(writer.counts)
+    if num_records == 0:
+        raise BuildError(f"{src}: no image could be packed ({len(writer.skipped)} skipped); see {tmp}")
+    summary = writer.total.summary()
+    meta = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, "num_records": num_records, "classes": source.classes,
+        "size": size, "encoding": encoding, "quality": opts.quality, **summary,
+        "shards": [{"path": fmt.shard_name(s), "num_records": c, "stats": st.to_dict()}
+                   for s, (c, st) in enumerate(zip(writer.counts, writer.shards))],
+        "skipped": writer.skipped,
+        "mean_image": fmt.MEAN_IMAGE_FILE if mean_image else None,
+        "stats": writer.total.to_dict(),
+        "build": {k: v for k, v in params.items() if k != "classes"} | {
+            "workers": workers, "elapsed_s": round(time.monotonic() - t0, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
+                     "lmdb": lmdb.__version__, "msgpack": ".".join(map(str, msgpack.version))},
+    }
+    if mean_image:
+        path = os.path.join(tmp, fmt.MEAN_IMAGE_FILE)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, writer.total.mean_image(), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    fmt.write_json_atomic(os.path.join(tmp, fmt.META_FILE), meta)
+    for name in (PLAN_FILE, PROGRESS_FILE):
+        os.remove(os.path.join(tmp, name))
+    _fsync_dir(tmp)
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(os.path.dirname(out))
+    if old:
+        shutil.rmtree(old)
+
+    elapsed = time.monotonic() - t0
+    reasons = {}
+    for s in writer.skipped:
+        key = s["reason"].split(":", 1)[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    nbytes = sum(os.path.getsize(os.path.join(out, sh["path"], "data.mdb")) for sh in meta["shards"])
+    result = {"out": out, "written": num_records, "skipped": reasons, "bytes": nbytes,
+              "images_per_s": (n - start) / elapsed, "elapsed_s": elapsed}
+    if not quiet:
+        skipped = ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())) or "none"
+        print(f"{out}: {num_records} records in {len(meta['shards'])} shard(s), {nbytes / 2**20:.1f} MiB; "
+              f"skipped {len(writer.skipped)} ({skipped}); {result['images_per_s']:.0f} images/s, "
+              f"{elapsed:.1f} s")
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m preprocess.build_lmdb", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="ImageFolder directory, list file, HDF5 file or CIFAR binary directory")
+    p.add_argument("out", help="output split directory (created; never overwritten without --overwrite)")
+    g = p.add_argument_group("source")
+    g.add_argument("--format", choices=FORMATS, help="force the source format instead of detecting it")
+    g.add_argument("--root", help="list files: directory the listed paths are relative to "
+                                  "(default: the list file's directory)")
+    g.add_argument("--split", choices=("train", "test"), default="train", help="CIFAR: which files to pack")
+    g.add_argument("--h5-images", default="images", help="HDF5: the N×H×W×3 uint8 RGB dataset")
+    g.add_argument("--h5-labels", default="labels", help="HDF5: the N integer labels dataset")
+    g.add_argument("--classes-from", metavar="OTHER_OUT", help="use the class list of an already packed split "
+                                                             "(val takes train's label indices)")
+    g = p.add_argument_group("images")
+    g.add_argument("--size", type=int, default=256, help="shorter side, then centre crop, in pixels")
+    g.add_argument("--exact", action="store_true", help="full decode and area resampling; no DCT-domain "
+                                                        "reduction, no linear shrink (slower)")
+    g.add_argument("--max-pixels", type=int, default=178_956_970, help="skip images with more pixels")
+    g.add_argument("--strict", action="store_true", help="any skipped input is an error")
+    g = p.add_argument_group("storage")
+    g.add_argument("--encoding", choices=fmt.ENCODINGS, default="jpeg")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    g.add_argument("--shards", type=int, help="number of LMDB environments (default: about 1 GB each)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the record order")
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the input order")
+    g.add_argument("--mean-image", action="store_true", help="also store the per-pixel mean image")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, help="processes (default: all cores)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or discard OUT.partial)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = vars(parse_args(argv))
+    src, out = args.pop("src"), args.pop("out")
+    try:
+        build(src, out, **args)
+    except (BuildError, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Check a packed split end to end: ``python -m preprocess.verify OUT``.
+
+Re-reads every record: its key is the next index, its crc32 holds, it decodes to the declared shape,
+its label indexes ``classes``; the counts agree with meta.json; the pixel statistics recomputed from the
+records match meta.json (exactly for lossless encodings; within JPEG's small shift otherwise).
+Exits non-zero naming the first bad record.
+"""
+import argparse
+import os
+import sys
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from datasets import format as fmt
+from preprocess.stats import PixelStats
+
+# JPEG at q>=75 moves a channel mean by well under 1 level and the covariance by a few percent.
+JPEG_MEAN_TOL = 1.0
+JPEG_COV_REL_TOL = 0.05
+
+
+class VerifyError(Exception):
+    pass
+
+
+def _compare_stats(meta, stats, lossless, where):
+    if lossless:
+        recorded = meta.get("stats")
+        if recorded is not None and (recorded["sum"] != stats.sum.tolist()
+                                     or recorded["sum_products"] != stats.gram.tolist()
+                                     or recorded["pixels"] != stats.count):
+            raise VerifyError(f"{where}: pixel sums of the records differ from meta.json's 'stats'")
+    got = stats.summary()
+    mean_tol = 1e-6 if lossless else JPEG_MEAN_TOL
+    diff = np.abs(np.array(got["mean_rgb"]) - np.array(meta["mean_rgb"])).max()
+    if diff > mean_tol:
+        raise VerifyError(f"{where}: mean_rgb {meta['mean_rgb']} in meta.json, {got['mean_rgb']} in the records")
+
+    def cov(s):
+        v = np.array(s["pca_eigvec"])
+        return v @ np.diag(s["pca_eigval"]) @ v.T
+
+    rel = np.linalg.norm(cov(got) - cov(meta)) / max(np.linalg.norm(cov(meta)), 1e-12)
+    if rel > (1e-6 if lossless else JPEG_COV_REL_TOL):
+        raise VerifyError(f"{where}: the PCA of meta.json (pca_eigval {meta['pca_eigval']}) differs from the "
+                          f"records' ({got['pca_eigval']}) by {rel:.1%} of the covariance")
+
+
+def verify(root, *, quiet=False):
+    """Raises VerifyError (or FormatError) at the first problem; returns the number of records checked."""
+    meta = fmt.read_meta(root)
+    enc, size, n_classes = meta["encoding"], meta["size"], len(meta["classes"])
+    lossless = enc != "jpeg"
+    image_shape = (size, size, 3)
+    mean_image = fmt.read_mean_image(root, meta)
+    stats = PixelStats(image_shape if mean_image is not None else None)
+    total = sum(s["num_records"] for s in meta["shards"])
+    if total != meta["num_records"]:
+        raise VerifyError(f"{root}/meta.json: num_records {meta['num_records']}, shards add up to {total}")
+    index = 0
+    with tqdm(total=total, unit="rec", disable=quiet, file=sys.stderr) as bar:
+        for shard in meta["shards"]:
+            path = os.path.join(root, shard["path"])
+            env = fmt.open_shard(path, readahead=True)
+            try:
+                entries = env.stat()["entries"]
+                if entries != shard["num_records"]:
+                    raise VerifyError(f"{path}: {entries} records, meta.json says {shard['num_records']}")
+                with env.begin() as txn:
+                    for key, value in txn.cursor():
+                        where = f"{shard['path']} record {index}"
+                        if fmt.decode_key(key) != index:
+                            raise VerifyError(f"{where}: key is {fmt.decode_key(key)}, expected {index}")
+                        rec = fmt.unpack_record(value, where=where)
+                        if tuple(rec["shape"]) != image_shape:
+                            raise VerifyError(f"{where} (source {rec['source']!r}): shape {rec['shape']}, "
+                                              f"the split's size is {size}")
+                        if not 0 <= rec["label"] < n_classes:
+                            raise VerifyError(f"{where} (source {rec['source']!r}): label {rec['label']} "
+                                              f"out of range for {n_classes} classes")
+                        stats.add(cv2.cvtColor(fmt.decode_image(rec, enc, where=where), cv2.COLOR_RGB2BGR))
+                        index += 1
+                        bar.update()
+            finally:
+                env.close()
+    _compare_stats(meta, stats, lossless, f"{root}/meta.json")
+    if mean_image is not None:
+        diff = np.abs(stats.mean_image() - mean_image).max()
+        if diff > (1e-3 if lossless else 4 * JPEG_MEAN_TOL):
+            raise VerifyError(f"{root}/{meta['mean_image']}: differs from the records' mean image by up to {diff:.2f}")
+    return index
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m preprocess.verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", help="a split directory written by preprocess.build_lmdb")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print only problems")
+    args = p.parse_args(argv)
+    try:
+        n = verify(args.root, quiet=args.quiet)
+    except (VerifyError, fmt.FormatError) as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{args.root}: OK, {n} records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
