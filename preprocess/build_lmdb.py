@@ -33,7 +33,7 @@ PLAN_FILE = "plan.json"
 PROGRESS_FILE = "progress.msgpack"
 SHARD_BYTES = 1 << 30
 CHUNK = 32  # images per task handed to a worker
-COMMIT_RECORDS, COMMIT_SECONDS = 2048, 2.0
+COMMIT_SECONDS = 2.0
 EST_BYTES_PER_PIXEL = {"jpeg": 0.5, "png": 2.0, "raw": 3.0}  # for the default shard count
 
 
@@ -105,8 +105,8 @@ def _put_all(env, start, values):
 class _Writer:
     """Writes records to the shards in order and keeps ``progress.msgpack`` in step with LMDB commits."""
 
-    def __init__(self, tmp, opts, map_size, progress):
-        self.tmp, self.opts, self.map_size = tmp, opts, map_size
+    def __init__(self, tmp, map_size, commit_every, progress):
+        self.tmp, self.map_size, self.commit_every = tmp, map_size, commit_every
         self.shards = [PixelStats.from_dict(s) for s in progress["shards"]]
         self.counts = list(progress["counts"])
         self.total = PixelStats.from_dict(progress["total"])
@@ -141,7 +141,7 @@ class _Writer:
         self.shards[shard].merge(chunk)
         chunk.image_sum = image_sum
         self.position += n_inputs
-        if len(self.pending) >= COMMIT_RECORDS or time.monotonic() - self.last_commit > COMMIT_SECONDS:
+        if len(self.pending) >= self.commit_every or time.monotonic() - self.last_commit > COMMIT_SECONDS:
             self.commit()
 
     def commit(self):
@@ -223,15 +223,19 @@ def default_workers():
 def build(src, out, *, format=None, root=None, split="train", h5_images="images", h5_labels="labels",
           size=256, encoding="jpeg", quality=90, shards=None, workers=None, seed=0, shuffle=True,
           exact=False, mean_image=False, classes_from=None, strict=False, max_pixels=178_956_970,
-          resume=False, overwrite=False, quiet=False, map_size=None):
+          resume=False, overwrite=False, quiet=False, commit_every=2048, map_size=None):
     """Build the split OUT from SRC; returns the summary (also printed unless ``quiet``)."""
     t0 = time.monotonic()
     out = os.path.abspath(out.rstrip("/"))
     tmp = out + ".partial"
     if encoding not in fmt.ENCODINGS:
         raise BuildError(f"--encoding {encoding!r}: one of {', '.join(fmt.ENCODINGS)}")
-    if size < 1 or not 1 <= quality <= 100 or (shards is not None and shards < 1) or (workers is not None and workers < 1):
-        raise BuildError("--size, --shards and --workers must be >= 1, --quality in 1..100")
+    for name, value in (("--size", size), ("--shards", shards), ("--workers", workers),
+                        ("--commit-every", commit_every), ("--max-pixels", max_pixels)):
+        if value is not None and value < 1:
+            raise BuildError(f"{name} {value}: must be at least 1")
+    if not 1 <= quality <= 100:
+        raise BuildError(f"--quality {quality}: must be in 1..100")
     if os.path.exists(out) and not overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
     if os.path.exists(tmp) and not (resume or overwrite):
@@ -276,7 +280,7 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
              for s in range(num_shards)
              for a in range(max(bounds[s], progress["position"]), bounds[s + 1], CHUNK)]
     shard_map = map_size or int(est / num_shards * 1.5) + (16 << 20)
-    writer = _Writer(tmp, opts, shard_map, progress)
+    writer = _Writer(tmp, shard_map, commit_every, progress)
     workers = workers or default_workers()
     bar = tqdm(total=n, initial=progress["position"], unit="img", disable=quiet, file=sys.stderr,
                smoothing=0.05, dynamic_ncols=True)
@@ -383,6 +387,8 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, help="processes (default: all cores)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT")
     g.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or discard OUT.partial)")
+    g.add_argument("--commit-every", type=int, default=2048, help="records per LMDB transaction (at most "
+                                                                   f"{COMMIT_SECONDS:g} s apart); what --resume may redo")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return p.parse_args(argv)
 

@@ -1,0 +1,53 @@
+"""Shared helpers: small image files written with Pillow, and the project's commands run as a user runs them."""
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_cli(*args, check=True, timeout=300):
+    """Run ``python -m MODULE ARGS`` from the repository root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def random_rgb(rng, h, w, cell=8):
+    """A smooth random RGB image (random colours every ``cell`` pixels, bilinear between): compresses like
+    a photo, differs from every other one."""
+    small = rng.integers(0, 256, (max(2, h // cell), max(2, w // cell), 3), dtype=np.uint8)
+    return np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def encode(rgb, kind="JPEG", **kw):
+    b = io.BytesIO()
+    Image.fromarray(rgb).save(b, kind, **({"quality": 95} if kind == "JPEG" else {}) | kw)
+    return b.getvalue()
+
+
+def write_image_folder(root, classes, per_class, rng, size=(96, 72)):
+    """root/CLASS/img_K.jpg with distinct content; returns {relative path: rgb array}."""
+    written = {}
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for k in range(per_class):
+            rgb = random_rgb(rng, size[1], size[0])
+            rel = os.path.join(c, f"img_{k}.jpg")
+            with open(os.path.join(root, rel), "wb") as f:
+                f.write(encode(rgb))
+            written[rel] = rgb
+    return written
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
