@@ -137,9 +137,7 @@ class _Writer:
                 self.pending.append(value)
         chunk = PixelStats.from_dict(stats)
         self.total.merge(chunk)
-        image_sum, chunk.image_sum = chunk.image_sum, None
-        self.shards[shard].merge(chunk)
-        chunk.image_sum = image_sum
+        self.shards[shard].merge(chunk)  # shard sums keep no mean image: merge skips it
         self.position += n_inputs
         if len(self.pending) >= self.commit_every or time.monotonic() - self.last_commit > COMMIT_SECONDS:
             self.commit()
