@@ -1,0 +1,235 @@
+"""Streaming a packed split to the trainer as uint8 batches: ``make_loader(root, batch_size=…, train=…, workers=…)``.
+
+Pipeline, one batch at a time: plan (which records, per epoch, per rank) -> read (one LMDB transaction
+per shard touched) -> decode (JPEG/PNG; raw records need none) -> crop and flip straight into the batch
+buffer. Images stay uint8 and channels-last until they reach the model's device, where
+``datasets.Normalize`` casts, colour-shifts and normalises them in one batched operation.
+
+Where the work runs (``backend``), measured in ``docs/BENCHMARKS.md``:
+- ``"threads"`` (default): ``workers`` threads in this process, each building whole batches. OpenCV's
+  decoder, crc32 and the copies release the GIL, so threads scale like processes without paying to hand
+  each batch from one process to another (which caps a process loader near 10,000 small images/s here).
+- ``"processes"``: a ``torch.utils.data.DataLoader`` whose ``workers`` processes each build whole batches
+  (one decoder per process), for when the main process is too busy to share its GIL.
+
+The augmentation of a batch is a pure function of (seed, epoch, rank, batch number), so results do not
+depend on thread timing, and ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly.
+"""
+import collections
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+
+from datasets import format as fmt
+from datasets.lmdb_dataset import LMDBDataset
+
+ORDERS = ("random", "sequential")
+BACKENDS = ("threads", "processes")
+
+
+def epoch_plan(dataset, *, batch_size, train, epoch, seed, rank=0, world_size=1, order="random",
+               window=None):
+    """This rank's batches of record indices for one epoch (a list of int64 arrays).
+
+    train: every rank gets the same number of full batches, disjoint shares of one global order, the
+    last partial global batch dropped (it changes each epoch). ``order="random"`` is a full shuffle;
+    ``"sequential"`` visits shards in a random order and shuffles records only within consecutive
+    windows of ``window`` records (default 64 batches), so reads stay local: for splits larger than RAM
+    or on network filesystems.
+    eval: record order, every record exactly once; ranks get contiguous shares of sizes differing by at
+    most one, and the same number of batches (a rank's last batch may be smaller, even empty).
+    """
+    n = len(dataset)
+    if not train:
+        bounds = np.linspace(0, n, world_size + 1).round().astype(np.int64)
+        mine = np.arange(bounds[rank], bounds[rank + 1])
+        longest = int(np.max(np.diff(bounds)))
+        return [mine[a:a + batch_size] for a in range(0, max(longest, 1), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    if order == "random":
+        idx = rng.permutation(n)
+    elif order == "sequential":
+        window = window or 64 * batch_size
+        offsets = dataset.offsets
+        idx = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in rng.permutation(len(offsets) - 1)])
+        idx = np.concatenate([rng.permutation(idx[a:a + window]) for a in range(0, n, window)])
+    else:
+        raise ValueError(f"order={order!r}: one of {', '.join(ORDERS)}")
+    global_batch = batch_size * world_size
+    steps = n // global_batch
+    if steps == 0:
+        raise ValueError(f"{dataset.root}: {n} records make no full global batch of {global_batch} "
+                         f"({batch_size} × {world_size} ranks); lower the batch size")
+    return list(idx[:steps * global_batch].reshape(steps, world_size, batch_size)[:, rank])
+
+
+def augmentation(seed, epoch, rank, batch, count, size, crop, train):
+    """(tops, lefts, flips) of each image: random crop and horizontal flip (paper Sec. 4.1), or the centre."""
+    if not train:
+        c = (size - crop) // 2
+        return np.full(count, c), np.full(count, c), np.zeros(count, bool)
+    rng = np.random.default_rng([seed, epoch, rank, batch])
+    return (rng.integers(0, size - crop + 1, count), rng.integers(0, size - crop + 1, count),
+            rng.random(count) < 0.5)
+
+
+def fill_batch(dataset, indices, out, tops, lefts, flips):
+    """Decode records ``indices`` and write their crops (flipped where asked) into ``out`` [B, crop, crop, 3]."""
+    crop = out.shape[1]
+    raw = dataset.encoding == "raw"
+    labels = np.empty(len(indices), np.int64)
+    for b, (i, rec) in enumerate(zip(indices, dataset.records(indices))):
+        if raw:
+            image = np.frombuffer(rec["image"], np.uint8)
+            if image.size != int(np.prod(rec["shape"])):
+                fmt.decode_image(rec, "raw", where=dataset.where(i))  # raises, naming the record
+            image = image.reshape(rec["shape"])
+        else:
+            image = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
+            if image is None or list(image.shape) != rec["shape"]:
+                fmt.decode_image(rec, dataset.encoding, where=dataset.where(i))  # raises, naming the record
+        patch = image[tops[b]:tops[b] + crop, lefts[b]:lefts[b] + crop]
+        if flips[b]:
+            cv2.flip(patch, 1, dst=out[b])
+        else:
+            out[b] = patch
+        labels[b] = rec["label"]
+    return labels
+
+
+class _Batches:
+    """Batch k of a plan as (uint8 images [B, 3, crop, crop] channels-last, int64 labels [B]).
+    A map-style dataset, so the processes backend can hand it to a DataLoader."""
+
+    def __init__(self, dataset, plan, *, crop, train, seed, epoch, rank, pin):
+        self.dataset, self.plan, self.crop, self.train = dataset, plan, crop, train
+        self.seed, self.epoch, self.rank, self.pin = seed, epoch, rank, pin
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, k):
+        indices = self.plan[k]
+        size = self.dataset.meta["size"]
+        tops, lefts, flips = augmentation(self.seed, self.epoch, self.rank, k, len(indices), size, self.crop,
+                                          self.train)
+        images = torch.empty((len(indices), self.crop, self.crop, 3), dtype=torch.uint8, pin_memory=self.pin)
+        labels = fill_batch(self.dataset, indices, images.numpy(), tops, lefts, flips)
+        return images.permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
+class Loader:
+    """Iterable of (images, labels) batches for one rank; see ``make_loader``."""
+
+    def __init__(self, dataset, *, batch_size, train, workers, seed, crop, rank, world_size, order, backend,
+                 prefetch):
+        size = dataset.meta["size"]
+        if not 0 < crop <= size:
+            raise ValueError(f"crop {crop} must be in 1..{size} (the split's size)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: one of {', '.join(BACKENDS)}")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: one of {', '.join(ORDERS)}")
+        self.dataset, self.batch_size, self.train, self.workers = dataset, batch_size, train, workers
+        self.seed, self.crop, self.rank, self.world_size = seed, crop, rank, world_size
+        self.order, self.backend, self.prefetch = order, backend, prefetch
+        self.pin = torch.cuda.is_available()
+        self.epoch, self.position = 0, 0
+        self._plan_key, self._plan = None, None
+        self._pool = None
+
+    @property
+    def meta(self):
+        return self.dataset.meta
+
+    def plan(self):
+        key = (self.epoch,)
+        if self._plan_key != key:
+            self._plan = epoch_plan(self.dataset, batch_size=self.batch_size, train=self.train, epoch=self.epoch,
+                                    seed=self.seed, rank=self.rank, world_size=self.world_size, order=self.order)
+            self._plan_key = key
+        return self._plan
+
+    def __len__(self):
+        return len(self.plan())
+
+    def set_epoch(self, epoch):
+        """Reshuffle for ``epoch`` (a no-op when resuming inside that same epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self):
+        """Where the next batch comes from: enough to resume mid-epoch with exactly the same batches."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_records": len(self.dataset)}
+
+    def load_state_dict(self, state):
+        for key in ("seed", "batch_size", "world_size", "num_records"):
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise ValueError(f"loader state: {key} was {state[key]}, is now {mine}; the position of a "
+                                 "different data order cannot be resumed")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def _batches(self):
+        plan = self.plan()
+        return _Batches(self.dataset, plan, crop=self.crop, train=self.train, seed=self.seed, epoch=self.epoch,
+                        rank=self.rank, pin=self.pin and self.backend == "threads")  # never CUDA in a worker
+
+    def __iter__(self):
+        batches = self._batches()
+        start = self.position
+        source = self._threads(batches, start) if self.backend == "threads" else self._processes(batches, start)
+        for k, batch in enumerate(source, start):
+            self.position = k + 1
+            yield batch
+        self.position = 0  # a finished epoch iterates again from its start
+
+    def _threads(self, batches, start):
+        if self.workers == 0:
+            yield from (batches[k] for k in range(start, len(batches)))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lmdb-loader")
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        pending = collections.deque()
+        ahead = self.prefetch * self.workers
+        nxt = start
+        try:
+            while nxt < len(batches) or pending:
+                while nxt < len(batches) and len(pending) < ahead:
+                    pending.append(self._pool.submit(batches.__getitem__, nxt))
+                    nxt += 1
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def _processes(self, batches, start):
+        loader = torch.utils.data.DataLoader(
+            batches, batch_size=None, sampler=range(start, len(batches)), num_workers=self.workers,
+            pin_memory=self.pin, prefetch_factor=self.prefetch if self.workers else None)
+        yield from loader
+
+
+def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, world_size=1, order="random",
+                backend="threads", prefetch=2):
+    """An iterable of ``(images, labels)``: ``images`` uint8 [B, 3, crop, crop] (RGB, channels-last memory,
+    pinned when CUDA is present), ``labels`` int64 [B].
+
+    ``train=True``: a random ``crop`` (default: the split's size − 32, i.e. 224 of 256) and a random
+    horizontal flip per image, reshuffled each epoch (``loader.set_epoch(e)``). ``train=False``: the centre
+    crop, in record order, every record exactly once. ``rank``/``world_size`` give each rank a disjoint
+    share of every epoch, with the same number of batches. ``workers`` threads (or processes, with
+    ``backend="processes"``) build batches, ``prefetch`` each ahead.
+    """
+    dataset = root if isinstance(root, LMDBDataset) else LMDBDataset(root, readahead=order == "sequential")
+    crop = crop or dataset.meta["size"] - 32
+    return Loader(dataset, batch_size=batch_size, train=train, workers=workers, seed=seed, crop=crop, rank=rank,
+                  world_size=world_size, order=order, backend=backend, prefetch=prefetch)

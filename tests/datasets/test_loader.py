@@ -1,0 +1,198 @@
+"""make_loader: geometry against hand-sliced pixels, epochs, ranks, resume, backends, faults and memory."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import LMDBDataset, format as fmt, make_loader
+from tests.datasets.conftest import CLASSES, N, SIZE
+
+
+def collect(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def source_of(images):
+    """Input index of each image in a batch: the R channel."""
+    return images[:, 0, 0, 0].long()
+
+
+def test_train_crops_and_flips_are_slices_of_the_originals(coded_split):
+    root, originals, _ = coded_split
+    loader = make_loader(root, batch_size=16, train=True, workers=2, crop=24, seed=3)
+    assert len(loader) == N // 16
+    flips, tops = [], []
+    for images, labels in loader:
+        assert images.shape == (16, 3, 24, 24) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        for img, label in zip(images.numpy(), labels.tolist()):
+            src = int(img[0, 0, 0])
+            top = int(img[1, 0, 0])
+            flipped = img[2, 0, 0] > img[2, 0, -1]
+            left = int(img[2, 0, -1] if flipped else img[2, 0, 0])
+            expected = originals[src, top:top + 24, left:left + 24]
+            if flipped:
+                expected = expected[:, ::-1]
+            assert np.array_equal(img.transpose(1, 2, 0), expected)
+            assert label == src % CLASSES
+            flips.append(flipped)
+            tops.append(top)
+    assert 0.3 < np.mean(flips) < 0.7
+    assert min(tops) >= 0 and max(tops) <= SIZE - 24 and len(set(tops)) > 5
+
+
+def test_eval_is_centre_crop_in_record_order_each_once(coded_split):
+    root, originals, sources = coded_split
+    loader = make_loader(root, batch_size=32, train=False, workers=2, crop=24)
+    batches = collect(loader)
+    assert [len(y) for _, y in batches] == [32, 32, 26]
+    images = torch.cat([x for x, _ in batches]).numpy()
+    assert source_of(torch.from_numpy(images)).tolist() == sources.tolist()
+    for img, src in zip(images, sources):
+        assert np.array_equal(img.transpose(1, 2, 0), originals[src, 8:32, 8:32])
+    assert [x.shape for x, _ in collect(loader)] == [x.shape for x, _ in batches]  # iterates again, whole
+
+
+def test_default_crop_is_size_minus_32(coded_split):
+    x, _ = next(iter(make_loader(coded_split[0], batch_size=4, train=True, workers=0)))
+    assert x.shape[-1] == SIZE - 32
+
+
+def test_epochs_reshuffle_deterministically(coded_split):
+    root = coded_split[0]
+    a = make_loader(root, batch_size=10, train=True, workers=2, crop=16, seed=1)
+    b = make_loader(root, batch_size=10, train=True, workers=0, crop=16, seed=1)
+    e0 = torch.cat([source_of(x) for x, _ in a])
+    assert len(set(e0.tolist())) == len(e0) == 90
+    assert torch.equal(e0, torch.cat([source_of(x) for x, _ in b]))
+    a.set_epoch(1)
+    e1 = torch.cat([source_of(x) for x, _ in a])
+    assert not torch.equal(e0, e1) and sorted(e1.tolist()) == sorted(e0.tolist())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_complete_equal_shares(coded_split, world_size):
+    root, _, sources = coded_split
+    train = [torch.cat([source_of(x) for x, _ in make_loader(root, batch_size=7, train=True, workers=1, crop=8,
+                                                              rank=r, world_size=world_size)])
+             for r in range(world_size)]
+    assert len({len(t) for t in train}) == 1
+    seen = torch.cat(train).tolist()
+    assert len(seen) == len(set(seen)) == (N // (7 * world_size)) * 7 * world_size
+    evals = [collect(make_loader(root, batch_size=7, train=False, workers=1, crop=8, rank=r, world_size=world_size))
+             for r in range(world_size)]
+    assert len({len(e) for e in evals}) == 1, "same number of batches on every rank"
+    seen = torch.cat([source_of(x) for e in evals for x, _ in e]).tolist()
+    assert sorted(seen) == sorted(sources.tolist()) and len(seen) == N
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_resume_mid_epoch_gives_the_same_remaining_batches(coded_split, backend):
+    root = coded_split[0]
+    full = make_loader(root, batch_size=8, train=True, workers=2, crop=16, seed=5, backend=backend)
+    full.set_epoch(2)
+    expected = collect(full)
+    first = make_loader(root, batch_size=8, train=True, workers=2, crop=16, seed=5, backend=backend)
+    first.set_epoch(2)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["position"] == 4
+    resumed = make_loader(root, batch_size=8, train=True, workers=2, crop=16, seed=5, backend=backend)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    rest = collect(resumed)
+    assert len(rest) == len(expected) - 4
+    for (x, y), (ex, ey) in zip(rest, expected[4:]):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    other = make_loader(root, batch_size=9, train=True, workers=0, crop=16, seed=5)
+    with pytest.raises(ValueError, match="batch_size was 8"):
+        other.load_state_dict(state)
+
+
+def test_backends_agree(coded_split):
+    root = coded_split[0]
+    threads = collect(make_loader(root, batch_size=8, train=True, workers=2, crop=16, backend="threads"))
+    procs = collect(make_loader(root, batch_size=8, train=True, workers=2, crop=16, backend="processes"))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(threads, procs)) and len(threads) == len(procs)
+
+
+def test_sequential_order_is_local_and_complete(coded_split):
+    root, _, _ = coded_split
+    loader = make_loader(root, batch_size=5, train=True, workers=1, crop=8, order="sequential")
+    plan = loader.plan()
+    flat = np.concatenate(plan)
+    assert len(set(flat.tolist())) == len(flat) == 90
+    assert loader.dataset.readahead
+
+
+def test_jpeg_split_decodes_like_the_reference(jpeg_split):
+    ds = LMDBDataset(jpeg_split)
+    x, y = next(iter(make_loader(jpeg_split, batch_size=24, train=False, workers=2, crop=48)))
+    for img, label, i in zip(x.numpy(), y.tolist(), range(24)):
+        ref, ref_label = ds[i]
+        assert np.array_equal(img.transpose(1, 2, 0), ref) and label == ref_label
+
+
+def _corrupt_one_record(root, shard="shard-00001"):
+    import lmdb
+    import msgpack
+    env = lmdb.open(str(root / shard), readonly=True, lock=False)
+    with env.begin() as txn:
+        key, value = next(iter(txn.cursor()))
+    env.close()
+    rec = msgpack.unpackb(value)
+    data = (root / shard / "data.mdb").read_bytes()
+    at = data.index(rec["image"]) + 100
+    (root / shard / "data.mdb").write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    return int.from_bytes(key, "big"), rec["source"]
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_corrupt_record_raises_naming_it(coded_split, tmp_path, backend):
+    import shutil
+    root = tmp_path / "split"
+    shutil.copytree(coded_split[0], root)
+    index, source = _corrupt_one_record(root)
+    loader = make_loader(root, batch_size=10, train=False, workers=2, crop=8, backend=backend)
+    with pytest.raises(Exception, match=rf"shard-00001 record {index} \(source {source}\): crc32 mismatch"):
+        collect(loader)
+
+
+def test_missing_shard_and_wrong_version(coded_split, tmp_path):
+    import json
+    import shutil
+    root = tmp_path / "split"
+    shutil.copytree(coded_split[0], root)
+    shutil.rmtree(root / "shard-00002")
+    with pytest.raises(fmt.FormatError, match="shard-00002: shard directory is missing"):
+        make_loader(root, batch_size=4, train=True, workers=0)
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "version": 9}))
+    with pytest.raises(fmt.FormatError, match="version 9"):
+        LMDBDataset(root)
+
+
+class _DyingDataset(LMDBDataset):
+    """Kills the worker process that reads it (not the test process)."""
+
+    parent = os.getpid()
+
+    def records(self, indices):
+        if os.getpid() != self.parent:
+            os._exit(3)
+        return super().records(indices)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(coded_split):
+    loader = make_loader(_DyingDataset(coded_split[0]), batch_size=4, train=True, workers=2, crop=8,
+                         backend="processes")
+    signal.alarm(120)  # a hang fails the test instead of the suite
+    try:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            collect(loader)
+    finally:
+        signal.alarm(0)
