@@ -29,8 +29,10 @@ demo: deps $(DEMO)/images/.done
 test: test-deps
 	$(PY) -m pytest
 
+# Figures for docs/BENCHMARKS.md (several minutes; each bench compares against its baseline in one run).
 bench: deps
 	$(PY) -m bench.build
+	$(PY) -m bench.loader
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

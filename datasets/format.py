@@ -8,12 +8,12 @@ pickled: a split from a stranger is safe to open. ``docs/FORMAT.md`` is the pros
 import json
 import os
 import struct
-import zlib
 
 import cv2
 import lmdb
 import msgpack
 import numpy as np
+from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, ~6x faster than the standard library's here
 
 FORMAT = "alexnet-lmdb"
 VERSION = 1
@@ -48,19 +48,83 @@ def pack_record(image, label, shape, source):
     """msgpack map of one record; ``image`` is the encoded file, or raw H×W×3 RGB bytes."""
     return msgpack.packb({
         "image": image, "label": int(label), "shape": [int(s) for s in shape],
-        "source": source, "crc32": zlib.crc32(image),
+        "source": source, "crc32": crc32(image),
     })
 
 
-def unpack_record(value, *, where="record"):
-    """The record's map, with its crc32 checked; ``where`` names it in any error."""
+_FIXED_SIZE = {0xc0: 1, 0xc2: 1, 0xc3: 1, 0xcc: 2, 0xcd: 3, 0xce: 5, 0xcf: 9, 0xd0: 2, 0xd1: 3, 0xd2: 5, 0xd3: 9,
+               0xca: 5, 0xcb: 9, 0xd4: 3, 0xd5: 4, 0xd6: 6, 0xd7: 10, 0xd8: 18}
+_BIN_HEADER = {0xc4: 2, 0xc5: 3, 0xc6: 5}
+
+
+def _be(b, start, n):
+    return int.from_bytes(b[start:start + n], "big")
+
+
+def _end(b, p):
+    """Offset just past the msgpack object starting at ``b[p]``."""
+    t = b[p]
+    if t < 0x80 or t >= 0xe0:
+        return p + 1
+    if t < 0xa0:  # fixmap, fixarray
+        return _skip(b, p + 1, (t & 0x0f) * (2 if t < 0x90 else 1))
+    if t < 0xc0:
+        return p + 1 + (t & 0x1f)
+    if t in _FIXED_SIZE:
+        return p + _FIXED_SIZE[t]
+    width = {0xc4: 1, 0xd9: 1, 0xc7: 1, 0xc5: 2, 0xda: 2, 0xc8: 2, 0xc6: 4, 0xdb: 4, 0xc9: 4}.get(t)
+    if width is not None:  # bin, str, ext: a length, (ext: a type byte), the payload
+        return p + 1 + width + (t in (0xc7, 0xc8, 0xc9)) + _be(b, p + 1, width)
+    if t in (0xdc, 0xdd, 0xde, 0xdf):  # array16/32, map16/32
+        width = 2 if t in (0xdc, 0xde) else 4
+        return _skip(b, p + 1 + width, _be(b, p + 1, width) * (2 if t in (0xde, 0xdf) else 1))
+    raise ValueError(f"byte 0x{t:02x} at offset {p} starts no msgpack object")
+
+
+def _skip(b, p, n):
+    for _ in range(n):
+        p = _end(b, p)
+    return p
+
+
+def _record_view(b):
+    """A msgpack map like ``unpackb``'s, except that ``image`` is a zero-copy view into ``b``.
+    Reading a record then costs no copy of its image (and no fresh pages for one)."""
+    t = b[0]
+    if 0x80 <= t <= 0x8f:
+        n, p = t & 0x0f, 1
+    elif t in (0xde, 0xdf):
+        width = 2 if t == 0xde else 4
+        n, p = _be(b, 1, width), 1 + width
+    else:
+        raise ValueError("not a msgpack map")
+    rec = {}
+    for _ in range(n):
+        e = _end(b, p)
+        key = msgpack.unpackb(b[p:e])
+        p, e = e, _end(b, e)
+        header = _BIN_HEADER.get(b[p]) if key == "image" else None
+        rec[key] = b[p + header:e] if header else msgpack.unpackb(b[p:e])
+        p = e
+    if p != len(b):
+        raise ValueError(f"{len(b) - p} bytes after the map")
+    return rec
+
+
+def unpack_record(value, *, where="record", copy=True):
+    """The record's map, with its crc32 checked; ``where`` names it in any error.
+
+    ``copy=False`` leaves ``image`` a memoryview into ``value`` (valid only while ``value`` is, e.g. inside
+    the LMDB transaction that returned it)."""
     try:
-        rec = msgpack.unpackb(value, raw=False)
+        rec = msgpack.unpackb(value, raw=False) if copy else _record_view(memoryview(value))
     except Exception as exc:
         raise FormatError(f"{where}: not a msgpack record ({exc})") from None
     if not isinstance(rec, dict) or any(f not in rec for f in RECORD_FIELDS):
         raise FormatError(f"{where}: record lacks one of the fields {', '.join(RECORD_FIELDS)}")
-    if zlib.crc32(rec["image"]) != rec["crc32"]:
+    if not isinstance(rec["image"], (bytes, memoryview)):
+        raise FormatError(f"{where}: 'image' is {type(rec['image']).__name__}, not bytes")
+    if crc32(rec["image"]) != rec["crc32"]:
         raise FormatError(f"{where} (source {rec['source']!r}): crc32 mismatch, the image bytes are corrupt; "
                           "rebuild the split or restore the shard from a copy")
     return rec

@@ -74,14 +74,15 @@ class LMDBDataset:
     def where(self, index):
         return f"{self.root}/{self.meta['shards'][self.shard_of(index)]['path']} record {index}"
 
-    def records(self, indices):
-        """Unpacked, crc-checked records for ``indices``, read in one transaction per shard touched."""
+    def visit(self, indices, fn, *, copy=False):
+        """Call ``fn(position, index, record)`` for each of ``indices``, in one read transaction per shard
+        touched. With ``copy=False`` the record's ``image`` is a zero-copy view into the memory-mapped
+        shard, valid only during the call: decode or copy what you need there."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             bad = indices[(indices < 0) | (indices >= len(self))][0]
             raise IndexError(f"record {bad} out of range for {self.root} ({len(self)} records)")
         shards = np.searchsorted(self.offsets, indices, side="right") - 1
-        out = [None] * len(indices)
         for s in np.unique(shards):
             env = shared_env(self.paths[s], readahead=self.readahead)
             with env.begin(buffers=True) as txn:
@@ -91,7 +92,12 @@ class LMDBDataset:
                     where = f"{self.paths[s]} record {i}"
                     if value is None:
                         raise fmt.FormatError(f"{where}: missing from its shard; the split is damaged, rebuild it")
-                    out[pos] = fmt.unpack_record(value, where=where)
+                    fn(pos, i, fmt.unpack_record(value, where=where, copy=copy))
+
+    def records(self, indices):
+        """Unpacked, crc-checked records for ``indices`` (images as bytes)."""
+        out = [None] * len(indices)
+        self.visit(indices, lambda pos, i, rec: out.__setitem__(pos, rec), copy=True)
         return out
 
     def decode(self, rec, index):

@@ -67,7 +67,6 @@ _worker = {}
 
 
 def _init_worker(source, opts):
-    cv2.setNumThreads(1)  # one core per worker: parallelism comes from processes
     _worker.update(source=source, opts=opts)
 
 
@@ -283,6 +282,11 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
     bar = tqdm(total=n, initial=progress["position"], unit="img", disable=quiet, file=sys.stderr,
                smoothing=0.05, dynamic_ncols=True)
     pool, start = None, progress["position"]
+    # One core per worker: parallelism comes from processes. Setting OpenCV to one thread before the fork
+    # also stops its thread pool, which a forked child must not inherit (it hangs once OpenMP, e.g. torch's,
+    # has run in the parent); the caller's setting comes back at the end.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     try:
         if workers > 1:
             pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, opts))
@@ -295,6 +299,7 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
             bar.update(len(idx))
         writer.close()
     finally:
+        cv2.setNumThreads(cv_threads)
         bar.close()
         if pool is not None:
             pool.terminate()

@@ -181,10 +181,10 @@ class _DyingDataset(LMDBDataset):
 
     parent = os.getpid()
 
-    def records(self, indices):
+    def visit(self, *args, **kwargs):
         if os.getpid() != self.parent:
             os._exit(3)
-        return super().records(indices)
+        return super().visit(*args, **kwargs)
 
 
 def test_a_dead_worker_is_an_error_not_a_hang(coded_split):

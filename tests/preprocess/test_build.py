@@ -295,3 +295,21 @@ def test_resume_refuses_changed_options(folder, tmp_path):
         {"params": {"size": 99}, "digest": "x", "num_items": 15}))
     with pytest.raises(BuildError, match="option 'size' was 99 and is now 16"):
         build(str(src), str(tmp_path / "o"), size=16, quiet=True, resume=True)
+
+
+def test_workers_start_cleanly_from_a_busy_process(folder, tmp_path):
+    """build() as a library, after torch (OpenMP) and OpenCV's thread pool have run: forked workers must not
+    inherit the pool (they would hang). Run in a fresh interpreter, under a timeout."""
+    src, _ = folder
+    script = (
+        "import sys, numpy as np, cv2, torch\n"
+        "torch.ones(500, 500) @ torch.ones(500, 500)\n"
+        "cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (500, 500), interpolation=cv2.INTER_AREA)\n"
+        "threads = cv2.getNumThreads()\n"
+        "from preprocess.build_lmdb import build\n"
+        f"r = build({str(src)!r}, {str(tmp_path / 'o')!r}, size=16, workers=2, quiet=True)\n"
+        "assert cv2.getNumThreads() == threads, 'the caller keeps its OpenCV setting'\n"
+        "print(r['written'])\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "15"
