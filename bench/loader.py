@@ -5,9 +5,9 @@ after a warm-up epoch (so the files are in the page cache for everyone):
 - baseline A, the torchvision way written plainly: an ImageFolder of the 256×256 images as JPEG files, PIL
   decode, RandomCrop(224), flip, ToTensor, Normalize, through ``torch.utils.data.DataLoader``;
 - baseline B, the same over the full-size originals with RandomResizedCrop(224), what most people run;
-- ours: ``make_loader`` over the ``jpeg`` split and over the ``raw`` split, with both backends (2 threads
-  in this process; 2 worker processes), and the decode-only limit: 2 threads doing nothing but
-  ``cv2.imdecode`` on the same records.
+- ours: ``make_loader`` over the ``jpeg`` split and over the ``raw`` split, with both backends (2 worker
+  processes writing into shared memory, the default; 2 threads in this process), and the decode-only
+  limit: 2 threads doing nothing but ``cv2.imdecode`` on the same records.
 torchvision is not a dependency (and PyPI's build does not import beside the CPU torch here), so its
 transforms are written out with Pillow and torch, as torchvision implements them.
 """
@@ -138,7 +138,7 @@ def prepare(work, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "alexnet-bench-corpus"))
     args = p.parse_args(argv)
     originals, small, splits = prepare(args.dir, args.images)
@@ -152,17 +152,20 @@ def main(argv=None):
     candidates = {
         "baseline A: ImageFolder 256x256 JPEG, PIL, DataLoader": dataloader(ImageFolderA(small)),
         "baseline B: ImageFolder full-size JPEG, RandomResizedCrop": dataloader(ImageFolderB(originals)),
-        "ours, jpeg split, 2 threads": make_loader(splits["jpeg"], batch_size=BATCH, train=True, workers=WORKERS),
         "ours, jpeg split, 2 processes": make_loader(splits["jpeg"], batch_size=BATCH, train=True, workers=WORKERS,
                                                      backend="processes"),
-        "ours, raw split, 2 threads": make_loader(splits["raw"], batch_size=BATCH, train=True, workers=WORKERS),
+        "ours, jpeg split, 2 threads": make_loader(splits["jpeg"], batch_size=BATCH, train=True, workers=WORKERS,
+                                                   backend="threads"),
         "ours, raw split, 2 processes": make_loader(splits["raw"], batch_size=BATCH, train=True, workers=WORKERS,
                                                     backend="processes"),
+        "ours, raw split, 2 threads": make_loader(splits["raw"], batch_size=BATCH, train=True, workers=WORKERS,
+                                                  backend="threads"),
     }
     speeds = {name: [] for name in candidates}
     speeds["decode-only limit: cv2.imdecode, 2 threads"] = []
-    for name, loader in candidates.items():  # warm-up: page cache, worker start
-        epoch_speed(loader)
+    for name, loader in candidates.items():  # warm-up: page cache, worker start, first touch of the maps
+        for _ in range(2):
+            epoch_speed(loader)
     for epoch in range(args.repeats):
         for name, loader in candidates.items():
             if hasattr(loader, "set_epoch"):

@@ -6,17 +6,18 @@ buffer. Images stay uint8 and channels-last until they reach the model's device,
 ``datasets.Normalize`` casts, colour-shifts and normalises them in one batched operation.
 
 Where the work runs (``backend``), measured in ``docs/BENCHMARKS.md``:
-- ``"threads"`` (default): ``workers`` threads in this process, each building whole batches. OpenCV's
-  decoder, crc32 and the copies release the GIL, so threads scale like processes without paying to hand
-  each batch from one process to another (which caps a process loader near 10,000 small images/s here).
-- ``"processes"``: a ``torch.utils.data.DataLoader`` whose ``workers`` processes each build whole batches
-  (one decoder per process), for when the main process is too busy to share its GIL.
+- ``"processes"`` (default where ``fork`` exists): ``workers`` forked processes (one decoder each) build
+  whole batches into shared memory mapped once (``datasets/worker_pool.py``): no per-batch hand-over
+  cost, and no GIL shared with the trainer. Batches are not pinned.
+- ``"threads"``: ``workers`` threads in this process, each building whole batches, pinned when CUDA is
+  present. OpenCV's decoder releases the GIL, so JPEG decoding scales as well as with processes; raw
+  records do not (their per-image work is short, and the GIL hand-offs between threads dominate).
 
 The augmentation of a batch is a pure function of (seed, epoch, rank, batch number), so results do not
 depend on thread timing, and ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly.
 """
 import collections
-import os
+import functools
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ import torch
 
 from datasets import format as fmt
 from datasets.lmdb_dataset import LMDBDataset
+from datasets.worker_pool import ProcessPool
 
 ORDERS = ("random", "sequential")
 BACKENDS = ("threads", "processes")
@@ -116,17 +118,30 @@ class _Batches:
     def __len__(self):
         return len(self.plan)
 
-    def __getitem__(self, k):
+    def fill(self, k, images, labels):
+        """Write batch k into ``images`` [>= B, crop, crop, 3] and ``labels``; returns its size B."""
         indices = self.plan[k]
-        size = self.dataset.meta["size"]
-        tops, lefts, flips = augmentation(self.seed, self.epoch, self.rank, k, len(indices), size, self.crop,
-                                          self.train)
-        shape = (len(indices), self.crop, self.crop, 3)
+        n = len(indices)
+        tops, lefts, flips = augmentation(self.seed, self.epoch, self.rank, k, n, self.dataset.meta["size"],
+                                          self.crop, self.train)
+        labels[:n] = fill_batch(self.dataset, indices, images[:n], tops, lefts, flips)
+        return n
+
+    def __getitem__(self, k):
+        shape = (len(self.plan[k]), self.crop, self.crop, 3)
         # numpy's allocator asks for huge pages: fewer page faults on a fresh 19 MB batch than torch.empty
         images = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if self.pin else \
             torch.from_numpy(np.empty(shape, np.uint8))
-        labels = fill_batch(self.dataset, indices, images.numpy(), tops, lefts, flips)
+        labels = np.empty(shape[0], np.int64)
+        self.fill(k, images.numpy(), labels)
         return images.permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
+def _epoch_batches(dataset, plan_args, crop, epoch):
+    """An epoch's batches, rebuilt inside a worker process (never pinned: no CUDA in a worker)."""
+    plan = epoch_plan(dataset, epoch=epoch, **plan_args)
+    return _Batches(dataset, plan, crop=crop, train=plan_args["train"], seed=plan_args["seed"], epoch=epoch,
+                    rank=plan_args["rank"], pin=False)
 
 
 class Loader:
@@ -185,14 +200,13 @@ class Loader:
         self.epoch, self.position = state["epoch"], state["position"]
 
     def _batches(self):
-        plan = self.plan()
-        return _Batches(self.dataset, plan, crop=self.crop, train=self.train, seed=self.seed, epoch=self.epoch,
-                        rank=self.rank, pin=self.pin and self.backend == "threads")  # never CUDA in a worker
+        return _Batches(self.dataset, self.plan(), crop=self.crop, train=self.train, seed=self.seed,
+                        epoch=self.epoch, rank=self.rank, pin=self.pin)
 
     def __iter__(self):
         batches = self._batches()
         start = self.position
-        source = self._threads(batches, start) if self.backend == "threads" else self._processes(batches, start)
+        source = self._threads(batches, start) if self.backend == "threads" else self._processes(len(batches), start)
         for k, batch in enumerate(source, start):
             self.position = k + 1
             yield batch
@@ -218,31 +232,35 @@ class Loader:
             for f in pending:
                 f.cancel()
 
-    def _processes(self, batches, start):
-        loader = torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=range(start, len(batches)), num_workers=self.workers,
-            pin_memory=self.pin, prefetch_factor=self.prefetch if self.workers else None)
-        # Workers fork when iteration starts: stop OpenCV's thread pool first, since a child that inherits
-        # it can hang once OpenMP (torch's) has run here; workers then decode on one thread each.
-        cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
-            it = iter(loader)
-        finally:
-            cv2.setNumThreads(cv_threads)
-        yield from it
+    def _processes(self, num_batches, start):
+        if self.workers == 0:
+            yield from self._threads(self._batches(), start)
+            return
+        if self._pool is None:  # what workers need, without a reference to this loader (so it can be freed)
+            make_batches = functools.partial(
+                _epoch_batches, self.dataset, dict(batch_size=self.batch_size, train=self.train, seed=self.seed,
+                                                   rank=self.rank, world_size=self.world_size, order=self.order),
+                self.crop)
+            self._pool = ProcessPool(make_batches, workers=self.workers, slots=self.workers * self.prefetch + 2,
+                                     batch_shape=(self.batch_size, self.crop, self.crop, 3))
+            weakref.finalize(self, self._pool.close)
+        for images, labels in self._pool.run(self.epoch, start, num_batches):
+            yield torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
+DEFAULT_BACKEND = "processes" if "fork" in __import__("multiprocessing").get_all_start_methods() else "threads"
 
 
 def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, world_size=1, order="random",
-                backend="threads", prefetch=2):
-    """An iterable of ``(images, labels)``: ``images`` uint8 [B, 3, crop, crop] (RGB, channels-last memory,
-    pinned when CUDA is present), ``labels`` int64 [B].
+                backend=DEFAULT_BACKEND, prefetch=2):
+    """An iterable of ``(images, labels)``: ``images`` uint8 [B, 3, crop, crop] (RGB, channels-last memory),
+    ``labels`` int64 [B].
 
     ``train=True``: a random ``crop`` (default: the split's size − 32, i.e. 224 of 256) and a random
     horizontal flip per image, reshuffled each epoch (``loader.set_epoch(e)``). ``train=False``: the centre
     crop, in record order, every record exactly once. ``rank``/``world_size`` give each rank a disjoint
-    share of every epoch, with the same number of batches. ``workers`` threads (or processes, with
-    ``backend="processes"``) build batches, ``prefetch`` each ahead.
+    share of every epoch, with the same number of batches. ``workers`` processes (or threads, with
+    ``backend="threads"``; 0: the calling thread) build batches, ``prefetch`` each ahead.
     """
     dataset = root if isinstance(root, LMDBDataset) else LMDBDataset(root, readahead=order == "sequential")
     crop = crop or dataset.meta["size"] - 32

@@ -196,3 +196,25 @@ def test_a_dead_worker_is_an_error_not_a_hang(coded_split):
             collect(loader)
     finally:
         signal.alarm(0)
+
+
+def test_record_that_does_not_decode_raises_naming_it(jpeg_split, tmp_path):
+    """A record whose bytes are intact (crc32 holds) but are not a JPEG: an error, never a zero image."""
+    import shutil
+
+    import lmdb
+    import msgpack
+    from zlib_ng.zlib_ng import crc32
+    root = tmp_path / "split"
+    shutil.copytree(jpeg_split, root)
+    env = lmdb.open(str(root / "shard-00000"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        rec = msgpack.unpackb(txn.get((5).to_bytes(8, "big")))
+        rec["image"] = b"\xff\xd8 not really a jpeg"
+        rec["crc32"] = crc32(rec["image"])
+        txn.put((5).to_bytes(8, "big"), msgpack.packb(rec))
+    env.close()
+    with pytest.raises(fmt.FormatError, match=rf"record 5 \(source {rec['source']}\): the jpeg image does not decode"):
+        collect(make_loader(root, batch_size=8, train=False, workers=2, crop=32))
+    with pytest.raises(fmt.FormatError, match="record 5"):
+        LMDBDataset(root)[5]
