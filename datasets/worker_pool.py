@@ -6,12 +6,14 @@ batch buffers ("slots") are mapped once, before the workers fork, and shared by 
 writes batch k into a free slot and sends back only (k, slot, count); the trainer receives a zero-copy
 tensor view of the slot. A slot is reused only once nothing outside this module refers to it any more
 (its numpy array's reference count), so a batch that the caller keeps is never overwritten; if the caller
-keeps every slot, batches are copied out instead.
+keeps every slot, batches are copied out instead. When CUDA is present the slots are page-locked
+(``cudaHostRegister``), so copies to the GPU can be asynchronous, as from pinned memory.
 """
 import mmap
 import multiprocessing
 import queue
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -65,6 +67,17 @@ class ProcessPool:
                 p.start()
         finally:
             cv2.setNumThreads(cv_threads)
+        self.pinned = torch.cuda.is_available() and self._pin()
+
+    def _pin(self):
+        """Page-lock the slots for asynchronous host-to-GPU copies (after the fork: only this process's view)."""
+        cudart = torch.cuda.cudart()
+        for a in self.images:
+            if int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) != 0:
+                warnings.warn("could not page-lock the loader's batch buffers; host-to-GPU copies will be "
+                              "synchronous", RuntimeWarning)
+                return False
+        return True
 
     def _held(self, slot):
         return sys.getrefcount(self.images[slot]) > 2  # the list's reference and getrefcount's own
