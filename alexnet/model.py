@@ -27,23 +27,60 @@ from torch.nn import functional as F
 INITS = ("paper", "kaiming")
 
 
-def lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
-    """Local response normalisation across channels, the paper's formula (no division of alpha by size).
-
-    Computed in float32 whatever the input dtype; d^-0.75 as rsqrt(d)·rsqrt(sqrt(d)), cheaper than pow."""
-    dtype = x.dtype
-    x = x.float()
+def lrn_formula(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    """The paper's formula in plain tensor operations: what ``torch.compile`` fuses into one kernel."""
     sq = F.pad(x * x, (0, 0, 0, 0, size // 2, (size - 1) // 2))  # zero channels beyond both edges
     c = x.shape[1]
     window = sq[:, 0:c]
     for j in range(1, size):
         window = window + sq[:, j:j + c]
-    d = k + alpha * window
-    if beta == 0.75:
-        scale = torch.rsqrt(d) * torch.rsqrt(torch.sqrt(d))
+    return x * (k + alpha * window).pow(-beta)
+
+
+def _window_sum(a, size):
+    """Each channel's sum over its window of ``size`` channels (zeros beyond the edges): one new tensor."""
+    w = a.clone()
+    c = a.shape[1]
+    for off in range(1, size // 2 + 1):
+        w[:, off:] += a[:, :c - off]
+        w[:, :c - off] += a[:, off:]
+    return w
+
+
+class _LRNFunction(torch.autograd.Function):
+    """Eager LRN with a hand-written backward, in place where it can be: autograd of the plain formula
+    makes ~25 full-size temporaries per call, and on the CPU each costs more in page faults than in
+    arithmetic (4× slower, measured in docs/BENCHMARKS.md).
+
+    With d = k + α·Σ_window a² and b = a·d^-β:  ∂L/∂a = g·d^-β − 2αβ·a·Σ_window(g·b/d)."""
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        d = _window_sum(x * x, size).mul_(alpha).add_(k)
+        s = torch.sqrt(d).rsqrt_().mul_(torch.rsqrt(d)) if beta == 0.75 else d.pow(-beta)
+        ctx.save_for_backward(x, d, s)
+        ctx.constants = size, alpha, beta
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, d, s = ctx.saved_tensors
+        size, alpha, beta = ctx.constants
+        t = (g * x).mul_(s).div_(d)
+        grad = (g * s).addcmul_(x, _window_sum(t, size), value=-2 * alpha * beta)
+        return grad, None, None, None, None
+
+
+def lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    """Local response normalisation across channels, the paper's formula (alpha not divided by size),
+    computed in float32 whatever the input dtype."""
+    dtype = x.dtype
+    x = x.float()
+    if torch.compiler.is_compiling():
+        out = lrn_formula(x, size, alpha, beta, k)
     else:
-        scale = d.pow(-beta)
-    return (x * scale).to(dtype)
+        out = _LRNFunction.apply(x, size, alpha, beta, k)
+    return out.to(dtype)
 
 
 class LRN(nn.Module):

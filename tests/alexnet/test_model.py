@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.model import AlexNet, lrn
+from alexnet.model import AlexNet, _LRNFunction, lrn, lrn_formula
 from alexnet.summary import layer_table
 
 PAPER_224 = {  # Sec. 3 / Fig. 2: output of each stage at 224×224
@@ -63,10 +63,23 @@ def lrn_by_the_formula(a, n=5, k=2.0, alpha=1e-4, beta=0.75):
 
 def test_lrn_is_the_papers_formula_including_the_edge_channels(rng):
     a = rng.uniform(0, 60, (2, 9, 4, 3)).astype(np.float32)  # large enough that the sum matters
+    expected = lrn_by_the_formula(a)
     got = lrn(torch.from_numpy(a)).double().numpy()
-    np.testing.assert_allclose(got, lrn_by_the_formula(a), rtol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(lrn_formula(torch.from_numpy(a)).double().numpy(), expected, rtol=1e-5)
     torch_lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)  # alpha × n, as the reference notes
     np.testing.assert_allclose(torch_lrn(torch.from_numpy(a)).numpy(), got, rtol=1e-4)
+
+
+def test_lrn_hand_written_backward(rng):
+    a = torch.from_numpy(rng.uniform(0, 60, (2, 7, 3, 3))).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0), (a,))
+    for beta in (0.75, 0.5):
+        x1, x2 = a.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+        g = torch.randn(2, 7, 3, 3, dtype=torch.float64)
+        _LRNFunction.apply(x1, 5, 1e-3, beta, 2.0).backward(g)
+        lrn_formula(x2, 5, 1e-3, beta, 2.0).backward(g)  # autograd of the plain formula
+        torch.testing.assert_close(x1.grad, x2.grad)
 
 
 def test_lrn_runs_in_float32_under_autocast(rng):
@@ -110,6 +123,12 @@ def test_eval_is_deterministic_and_train_drops_half():
     out = drop(h)
     assert abs((out == 0).float().mean().item() - 0.5) < 0.01
     assert torch.all((out == 0) | (out == 2.0)), "inverted dropout: survivors scaled by 1/(1-p)"
+
+
+def test_compiles_without_graph_breaks():
+    model = AlexNet(10, image_size=64, init="kaiming")
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
 def test_channels_last_gives_the_same_output():
