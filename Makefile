@@ -15,7 +15,8 @@ deps:
 test-deps: deps
 	@$(PY) -m pip install -q $$($(TEST_REQS))
 
-$(DEMO)/images/.done:
+$(DEMO)/images/.done: preprocess/make_demo.py
+	rm -rf $(DEMO)/images
 	$(PY) -m preprocess.make_demo $(DEMO)/images
 	touch $@
 
@@ -24,7 +25,7 @@ demo: deps $(DEMO)/images/.done
 	$(PY) -m preprocess.build_lmdb $(DEMO)/images/val $(DEMO)/val --size 80 --classes-from $(DEMO)/train --overwrite
 	$(PY) -m preprocess.verify $(DEMO)/train --quiet
 	$(PY) -m preprocess.verify $(DEMO)/val --quiet
-	@echo "demo splits ready: $(DEMO)/train, $(DEMO)/val"
+	$(PY) train.py configs/demo.yaml data.train=$(DEMO)/train data.val=$(DEMO)/val
 
 test: test-deps
 	$(PY) -m pytest

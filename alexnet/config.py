@@ -78,6 +78,11 @@ def _check(value, kind, key):
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool) \
             or not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
@@ -142,6 +147,11 @@ def validate(cfg):
 def to_dict(cfg):
     """The resolved config as nested plain types (what checkpoints and config.yaml hold)."""
     return dataclasses.asdict(cfg)
+
+
+def yaml_dump(resolved):
+    """The resolved config as YAML text (printed at start, saved as OUT/config.yaml)."""
+    return yaml.safe_dump(resolved, sort_keys=False).rstrip()
 
 
 def describe():

@@ -69,14 +69,20 @@ def epoch_plan(dataset, *, batch_size, train, epoch, seed, rank=0, world_size=1,
     return list(idx[:steps * global_batch].reshape(steps, world_size, batch_size)[:, rank])
 
 
-def augmentation(seed, epoch, rank, batch, count, size, crop, train):
-    """(tops, lefts, flips) of each image: random crop and horizontal flip (paper Sec. 4.1), or the centre."""
+def augmentation(seed, epoch, rank, batch, count, size, crop, train, world_size=1):
+    """(tops, lefts, flips) of each image: random crop and horizontal flip (paper Sec. 4.1), or the centre.
+
+    Drawn for the whole global batch and sliced for this rank, so an image gets the same crop whatever
+    the number of ranks: a run on N processes sees exactly the data of a run on one."""
     if not train:
         c = (size - crop) // 2
         return np.full(count, c), np.full(count, c), np.zeros(count, bool)
-    rng = np.random.default_rng([seed, epoch, rank, batch])
-    return (rng.integers(0, size - crop + 1, count), rng.integers(0, size - crop + 1, count),
-            rng.random(count) < 0.5)
+    rng = np.random.default_rng([seed, epoch, batch])
+    total = count * world_size
+    tops, lefts = rng.integers(0, size - crop + 1, total), rng.integers(0, size - crop + 1, total)
+    flips = rng.random(total) < 0.5
+    mine = slice(rank * count, (rank + 1) * count)
+    return tops[mine], lefts[mine], flips[mine]
 
 
 def fill_batch(dataset, indices, out, tops, lefts, flips):
@@ -111,9 +117,9 @@ class _Batches:
     """Batch k of a plan as (uint8 images [B, 3, crop, crop] channels-last, int64 labels [B]).
     A map-style dataset, so the processes backend can hand it to a DataLoader."""
 
-    def __init__(self, dataset, plan, *, crop, train, seed, epoch, rank, pin):
+    def __init__(self, dataset, plan, *, crop, train, seed, epoch, rank, world_size, pin):
         self.dataset, self.plan, self.crop, self.train = dataset, plan, crop, train
-        self.seed, self.epoch, self.rank, self.pin = seed, epoch, rank, pin
+        self.seed, self.epoch, self.rank, self.world_size, self.pin = seed, epoch, rank, world_size, pin
 
     def __len__(self):
         return len(self.plan)
@@ -123,7 +129,7 @@ class _Batches:
         indices = self.plan[k]
         n = len(indices)
         tops, lefts, flips = augmentation(self.seed, self.epoch, self.rank, k, n, self.dataset.meta["size"],
-                                          self.crop, self.train)
+                                          self.crop, self.train, self.world_size)
         labels[:n] = fill_batch(self.dataset, indices, images[:n], tops, lefts, flips)
         return n
 
@@ -141,7 +147,7 @@ def _epoch_batches(dataset, plan_args, crop, epoch):
     """An epoch's batches, rebuilt inside a worker process (never pinned: no CUDA in a worker)."""
     plan = epoch_plan(dataset, epoch=epoch, **plan_args)
     return _Batches(dataset, plan, crop=crop, train=plan_args["train"], seed=plan_args["seed"], epoch=epoch,
-                    rank=plan_args["rank"], pin=False)
+                    rank=plan_args["rank"], world_size=plan_args["world_size"], pin=False)
 
 
 class Loader:
@@ -201,7 +207,7 @@ class Loader:
 
     def _batches(self):
         return _Batches(self.dataset, self.plan(), crop=self.crop, train=self.train, seed=self.seed,
-                        epoch=self.epoch, rank=self.rank, pin=self.pin)
+                        epoch=self.epoch, rank=self.rank, world_size=self.world_size, pin=self.pin)
 
     def __iter__(self):
         batches = self._batches()

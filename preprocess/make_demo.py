@@ -3,7 +3,8 @@
 Ten classes of procedurally drawn, photograph-like scenes: one large shape per image (circle, square,
 triangle, ring, cross, star, diamond, and discs of horizontal stripes, vertical stripes or checks) over a
 shaded, textured background with clutter, in varied sizes, positions and colours. Colours are drawn
-from the same distribution for every class, so the mean colour says nothing about the class; every
+from the same distribution for every class, so the mean colour says nothing about the class (the shape
+differs from its surroundings in brightness, as an object in a photograph does); every
 shape is mirror-symmetric, so a horizontal flip keeps the class. Mostly JPEG, some PNG, and in train a
 few odd files the builder must handle: grayscale, CMYK, PNG with alpha, 16-bit PNG, a PNG named
 .JPEG, and one corrupt JPEG. Nothing is downloaded.
@@ -24,12 +25,18 @@ def _colour(rng):
     return rng.integers(0, 256, 3).astype(np.float32)
 
 
-def _contrasting(rng, against, min_dist=110.0):
-    for _ in range(100):
+def _luma(c):
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
+def _contrasting(rng, against, min_luma=80.0):
+    """A random colour whose brightness differs from ``against`` by at least ``min_luma`` (edges a
+    photograph would show, whatever the hues)."""
+    for _ in range(200):
         c = _colour(rng)
-        if np.abs(c - against).sum() >= min_dist:
+        if abs(_luma(c) - _luma(against)) >= min_luma:
             return c
-    return 255 - against
+    return np.where(_luma(against) > 127, 0.0, 255.0).astype(np.float32) * np.ones(3, np.float32)
 
 
 def shape_mask(cls, h, w, cx, cy, r, rng):

@@ -218,3 +218,14 @@ def test_record_that_does_not_decode_raises_naming_it(jpeg_split, tmp_path):
         collect(make_loader(root, batch_size=8, train=False, workers=2, crop=32))
     with pytest.raises(fmt.FormatError, match="record 5"):
         LMDBDataset(root)[5]
+
+
+def test_ranks_see_the_single_process_batches_with_the_same_crops(coded_split):
+    """Global batch k on 2 ranks is batch k of a 1-rank run with the global batch size, crops included."""
+    root = coded_split[0]
+    single = collect(make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4))
+    ranks = [collect(make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=r,
+                                 world_size=2)) for r in range(2)]
+    for k, (x, y) in enumerate(single):
+        assert torch.equal(x, torch.cat([ranks[0][k][0], ranks[1][k][0]]))
+        assert torch.equal(y, torch.cat([ranks[0][k][1], ranks[1][k][1]]))

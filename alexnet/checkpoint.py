@@ -1,0 +1,84 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (nothing is unpickled).
+
+Keys: ``model`` (unwrapped from DDP and compile), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the
+epoch in progress, or the next one), ``step`` (optimizer steps so far), ``loader`` (its position),
+``rng`` (Python, numpy, torch, CUDA), ``config`` (the resolved config, nested plain dict), ``meta`` (the
+training split's classes, size, mean, std and PCA), ``best_top1``.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+META_KEYS = ("classes", "size", "encoding", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "mean_image")
+# Keys whose change alters the shape of the model's parameters: resuming across one is an error.
+SHAPE_KEYS = (("model", "groups"), ("model", "lrn"), ("data", "crop"))
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": np_state[0], "pos": int(np_state[2]), "state": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path, **contents):
+    """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(contents, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path, map_location="cpu"):
+    """A checkpoint's dict, or a CheckpointError naming the file and what is wrong with it."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written by train.py): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (no 'model' and 'config')")
+    return ckpt
+
+
+def check_compatible(ckpt, config, path):
+    """Resuming must not change the model's shape; name the key that does."""
+    for section, key in SHAPE_KEYS:
+        old, new = ckpt["config"][section][key], config[section][key]
+        if old != new:
+            raise CheckpointError(f"{path}: {section}.{key} was {old!r} when it was written and is {new!r} now; "
+                                  "resume with the same value, or start over with --fresh")

@@ -1,0 +1,40 @@
+"""One process or many (torchrun): rank, world size, the process group, and all-reduce of metrics."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device):
+    """(rank, world_size), joining the process group when torchrun started us: NCCL on CUDA, gloo on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values, device):
+    """Sum a list of numbers over all ranks (identity on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def same_on_all_ranks(model):
+    """True when every rank holds bit-identical parameters (a checksum of each, compared across ranks)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])  # on the NCCL or gloo device
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,91 @@
+"""The loop: ``train_one_epoch`` and ``evaluate``, each about a screen long.
+
+Batches arrive as uint8 on the host; they are copied to the device without blocking and normalised
+there (``datasets.Normalize``). The loss is read back to the host only every ``log_every`` steps, which is
+also when a NaN or infinite loss stops the run.
+"""
+import math
+import time
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from alexnet import distributed
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    """Number of samples whose label is among the top-k logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step, autocast, log_every=20,
+                    checkpoint_every=0, on_checkpoint=None, show=True):
+    """One pass over ``loader`` (from its position). ``on_checkpoint(step)`` runs every ``checkpoint_every``
+    steps, once the loss is known to be finite. Returns the epoch's metrics and the new step count."""
+    model.train()
+    normalize.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen, wait, t0 = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=len(loader), initial=loader.position, desc=f"epoch {epoch}", disable=not show,
+               dynamic_ncols=True, leave=False)
+    t_wait = time.perf_counter()
+    for images, labels in loader:
+        wait += time.perf_counter() - t_wait
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(normalize(images))
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        checkpoint_due = checkpoint_every and step % checkpoint_every == 0
+        if step % log_every == 0 or checkpoint_due or loader.position == len(loader):
+            value = loss.item()  # the only host sync of the loop
+            if not math.isfinite(value):
+                raise Diverged(f"loss is {value} at step {step} (epoch {epoch}); lower optim.lr, or use "
+                               "model.init=kaiming with data.std=true for small data")
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}",
+                            img_s=f"{seen / elapsed:.0f}", wait=f"{wait / elapsed:.0%}")
+        bar.update()
+        if checkpoint_due and on_checkpoint is not None:
+            on_checkpoint(step)
+        t_wait = time.perf_counter()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    loss_total, correct_total, count = distributed.all_sum([loss_sum.item(), correct.item(), seen], device)
+    return {"train_loss": loss_total / max(count, 1), "train_top1": correct_total / max(count, 1),
+            "images_per_s": count / elapsed, "data_wait": wait / elapsed}, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, *, device, autocast, show=False):
+    """Centre-crop loss, top-1 and top-5 over every record of the split, summed over all ranks."""
+    model.eval()
+    normalize.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    for images, labels in tqdm(loader, desc="val", disable=not show, leave=False, dynamic_ncols=True):
+        if len(labels) == 0:
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(normalize(images)).float()
+        top1, top5 = topk_correct(logits, labels, (1, min(5, logits.shape[1])))
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
+                               top5.double(), torch.tensor(len(labels), dtype=torch.float64, device=device)])
+    loss, top1, top5, count = distributed.all_sum(totals.tolist(), device)
+    return {"val_loss": loss / max(count, 1), "val_top1": top1 / max(count, 1), "val_top5": top5 / max(count, 1),
+            "val_images": int(count)}

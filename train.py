@@ -1,0 +1,122 @@
+"""Train AlexNet as in the paper: ``python train.py configs/base.yaml [key.sub=value ...] [--fresh]``.
+
+Parse the config, build data, model and optimizer, resume from OUT/last.pt if it is there, then per epoch:
+train, validate (centre crop, top-1 and top-5), step the lr on val top-1, write last.pt (and best.pt).
+Many GPUs or machines: ``torchrun --nproc_per_node N train.py CONFIG`` (train.batch_size stays global).
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from alexnet import checkpoint, config, distributed, engine, run
+from alexnet.checkpoint import CheckpointError
+from datasets import format as fmt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, overriding the file (e.g. optim.lr=0.02)")
+    p.add_argument("--fresh", action="store_true", help="start over: move an existing OUT aside (never deleted)")
+    args = p.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    resolved = config.to_dict(cfg)
+    device = run.pick_device(cfg.train.device)
+    rank, world_size = distributed.setup(device)
+    main_rank = rank == 0
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    train_loader, val_loader, normalize = run.data(cfg, rank, world_size)
+    meta = train_loader.meta
+    net = run.model(cfg, len(meta["classes"])).to(device, memory_format=torch.channels_last)
+    normalize = normalize.to(device)
+    optimizer, scheduler = run.optimizer(cfg, net.parameters())
+    epoch, step, best = 0, 0, 0.0
+
+    resuming = run.prepare_out_dir(cfg.out_dir, args.fresh) if main_rank else False
+    if world_size > 1:
+        torch.distributed.barrier()
+    last, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    if os.path.exists(last):
+        ckpt = checkpoint.load(last)
+        checkpoint.check_compatible(ckpt, resolved, last)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        train_loader.load_state_dict(ckpt["loader"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        if main_rank:
+            print(f"=== RESUMING {last}: epoch {epoch}, step {step}, batch {ckpt['loader']['position']} of the epoch "
+                  f"(run with --fresh to start over) ===", flush=True)
+    if main_rank:
+        print(config.yaml_dump(resolved), flush=True)
+        run.write_config(cfg.out_dir, resolved)
+    log = run.RunLog(cfg.out_dir) if main_rank else None
+
+    model = net
+    if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+
+    def save(path, next_epoch):
+        if main_rank:
+            checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
+                            loader=train_loader.state_dict(), rng=checkpoint.rng_state(), config=resolved,
+                            meta=run.split_meta(meta), best_top1=best)
+
+    def on_checkpoint(at_step):
+        nonlocal step
+        step = at_step
+        save(last, epoch)
+
+    t_start = time.time()
+    try:
+        for epoch in range(epoch, cfg.train.epochs):
+            train_loader.set_epoch(epoch)
+            stats, step = engine.train_one_epoch(
+                model, train_loader, normalize, optimizer, device=device, epoch=epoch, step=step, autocast=autocast,
+                log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every,
+                on_checkpoint=on_checkpoint, show=main_rank and sys.stderr.isatty())
+            val = engine.evaluate(model, val_loader, normalize, device=device, autocast=autocast)
+            scheduler.step(val["val_top1"])
+            improved = val["val_top1"] > best
+            best = max(best, val["val_top1"])
+            row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], **stats, **val,
+                   "wall_time": time.time() - t_start}
+            if main_rank:
+                log.write(row)
+                print(f"epoch {epoch}: train loss {stats['train_loss']:.3f} top-1 {stats['train_top1']:.1%} | "
+                      f"val loss {val['val_loss']:.3f} top-1 {val['val_top1']:.1%} top-5 {val['val_top5']:.1%} | "
+                      f"{stats['images_per_s']:.0f} img/s, data wait {stats['data_wait']:.0%}", flush=True)
+            save(last, epoch + 1)
+            if improved:
+                save(best_path, epoch + 1)
+    except engine.Diverged as exc:
+        print(f"stopped: {exc}. The last good checkpoint is kept in {cfg.out_dir}.", file=sys.stderr)
+        return 1
+    if not distributed.same_on_all_ranks(net):
+        raise RuntimeError("ranks ended with different weights")
+    if main_rank:
+        print(f"done: best val top-1 {best:.1%}; {cfg.out_dir}/best.pt" +
+              (f"; identical weights on all {world_size} ranks" if world_size > 1 else ""), flush=True)
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (config.ConfigError, run.RunError, CheckpointError, fmt.FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
