@@ -55,6 +55,9 @@ def test_demo_config_learns_the_tiny_split(tiny, tmp_path):
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "loader", "rng", "best_top1"):
         assert key in ckpt, key
     assert (tmp_path / "run" / "config.yaml").exists()
+    from alexnet.plot import plot
+    png = plot(tmp_path / "run")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
 
 def _wait_for_new(path, before, proc, deadline=300):
