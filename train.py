@@ -36,6 +36,7 @@ def main(argv=None):
     train_loader, val_loader, normalize = run.data(cfg, rank, world_size)
     meta = train_loader.meta
     net = run.model(cfg, len(meta["classes"])).to(device, memory_format=torch.channels_last)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # after init (DDP copies rank 0's): each rank its own dropout
     normalize = normalize.to(device)
     optimizer, scheduler = run.optimizer(cfg, net.parameters())
     epoch, step, best = 0, 0, 0.0
@@ -52,6 +53,8 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         train_loader.load_state_dict(ckpt["loader"])
         checkpoint.set_rng_state(ckpt["rng"])
+        if len(ckpt["rng"]["torch_ranks"]) == world_size:
+            torch.set_rng_state(ckpt["rng"]["torch_ranks"][rank])
         epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         if main_rank:
             print(f"=== RESUMING {last}: epoch {epoch}, step {step}, batch {ckpt['loader']['position']} of the epoch "
@@ -69,10 +72,11 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
     def save(path, next_epoch):
+        rng = {**checkpoint.rng_state(), "torch_ranks": distributed.gather(torch.get_rng_state(), device)}
         if main_rank:
             checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
-                            loader=train_loader.state_dict(), rng=checkpoint.rng_state(), config=resolved,
+                            loader=train_loader.state_dict(), rng=rng, config=resolved,
                             meta=run.split_meta(meta), best_top1=best)
 
     def on_checkpoint(at_step):

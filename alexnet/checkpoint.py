@@ -2,7 +2,7 @@
 
 Keys: ``model`` (unwrapped from DDP and compile), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the
 epoch in progress, or the next one), ``step`` (optimizer steps so far), ``loader`` (its position),
-``rng`` (Python, numpy, torch, CUDA), ``config`` (the resolved config, nested plain dict), ``meta`` (the
+``rng`` (Python, numpy, torch, CUDA; and ``torch_ranks``, every rank's torch state), ``config`` (the resolved config, nested plain dict), ``meta`` (the
 training split's classes, size, mean, std and PCA), ``best_top1``.
 """
 import os

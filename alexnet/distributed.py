@@ -30,6 +30,16 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def gather(tensor, device):
+    """Every rank's copy of ``tensor`` (same shape on all ranks), as a list of CPU tensors."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor.cpu()]
+    t = tensor.to(device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
 def same_on_all_ranks(model):
     """True when every rank holds bit-identical parameters (a checksum of each, compared across ranks)."""
     if not (dist.is_available() and dist.is_initialized()):
