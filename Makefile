@@ -26,6 +26,7 @@ demo: deps $(DEMO)/images/.done
 	$(PY) -m preprocess.verify $(DEMO)/train --quiet
 	$(PY) -m preprocess.verify $(DEMO)/val --quiet
 	$(PY) train.py configs/demo.yaml data.train=$(DEMO)/train data.val=$(DEMO)/val
+	$(PY) evaluate.py --config configs/demo.yaml --data $(DEMO)/val --tencrop
 
 test: test-deps
 	$(PY) -m pytest
@@ -34,6 +35,9 @@ test: test-deps
 bench: deps
 	$(PY) -m bench.build
 	$(PY) -m bench.loader
+	$(PY) -m bench.model
+	$(PY) -m bench.train_step
+	$(PY) -m bench.evaluate
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -41,7 +41,8 @@ def main(argv=None):
     optimizer, scheduler = run.optimizer(cfg, net.parameters())
     epoch, step, best = 0, 0, 0.0
 
-    resuming = run.prepare_out_dir(cfg.out_dir, args.fresh) if main_rank else False
+    if main_rank:
+        run.prepare_out_dir(cfg.out_dir, args.fresh)
     if world_size > 1:
         torch.distributed.barrier()
     last, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")

@@ -129,6 +129,14 @@ def load(path=None, overrides=()):
     return cfg
 
 
+def from_dict(resolved, source="checkpoint"):
+    """A Config from a resolved nested dict (a checkpoint's ``config``), checked like a file."""
+    cfg = Config()
+    _merge(cfg, resolved, "", str(source))
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg):
     choices = {"data.mean": ("rgb", "image"), "data.order": ("random", "sequential"),
                "model.init": ("paper", "kaiming"), "train.device": ("auto", "cpu", "cuda")}

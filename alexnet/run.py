@@ -68,14 +68,12 @@ def split_meta(meta):
 
 
 def prepare_out_dir(out_dir, fresh):
-    """The run folder, and whether it holds a run to resume. ``fresh`` moves an existing one aside."""
-    last = os.path.join(out_dir, "last.pt")
+    """Create the run folder; ``fresh`` first moves an existing one aside (never deletes it)."""
     if fresh and os.path.exists(out_dir):
         aside = f"{out_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(out_dir, aside)
         print(f"--fresh: moved the previous run to {aside}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    return os.path.exists(last)
 
 
 def write_config(out_dir, resolved):

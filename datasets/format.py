@@ -140,7 +140,7 @@ def encode_image(img, encoding, quality=90, *, bgr=False):
     ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]) if encoding == "jpeg" else (".png", [])
     ok, buf = cv2.imencode(ext, bgr, params)
     if not ok:
-        raise FormatError(f"cannot encode a {rgb.shape} image as {encoding}")
+        raise FormatError(f"cannot encode a {img.shape} image as {encoding}")
     return buf.tobytes()
 
 

@@ -48,6 +48,18 @@ def write_image_folder(root, classes, per_class, rng, size=(96, 72)):
     return written
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A shrunken demo: 10 classes, 30 training and 6 validation images each, packed at 72×72."""
+    from preprocess.build_lmdb import build
+    from preprocess.make_demo import make_demo
+    d = tmp_path_factory.mktemp("tiny")
+    make_demo(str(d / "images"), seed=1, train_per_class=30, val_per_class=6, quiet=True)
+    build(str(d / "images" / "train"), str(d / "train"), size=72, workers=2, quiet=True)
+    build(str(d / "images" / "val"), str(d / "val"), size=72, workers=2, quiet=True, classes_from=str(d / "train"))
+    return d
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

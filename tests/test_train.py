@@ -14,16 +14,6 @@ from preprocess.make_demo import make_demo
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A shrunken demo: 10 classes, 30 training and 6 validation images each, packed at 72×72."""
-    d = tmp_path_factory.mktemp("tiny")
-    make_demo(str(d / "images"), seed=1, train_per_class=30, val_per_class=6, quiet=True)
-    build(str(d / "images" / "train"), str(d / "train"), size=72, workers=2, quiet=True)
-    build(str(d / "images" / "val"), str(d / "val"), size=72, workers=2, quiet=True, classes_from=str(d / "train"))
-    return d
-
-
 def train(tiny, out, *extra, check=True, timeout=600):
     args = [sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
             f"data.val={tiny / 'val'}", f"out_dir={out}", *map(str, extra)]
