@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+from datasets.format import atomic_path
+
 META_KEYS = ("classes", "size", "encoding", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "mean_image")
 # Keys whose change alters the shape of the model's parameters: resuming across one is an error.
 SHAPE_KEYS = (("model", "groups"), ("model", "lrn"), ("data", "crop"))
@@ -48,12 +50,8 @@ def set_rng_state(state):
 
 def save(path, **contents):
     """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(contents, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -79,8 +79,7 @@ def per_class_accuracy(probs, labels, classes):
 
 def save_probs(path, probs, labels, classes, checkpoints, identity, crops):
     """HDF5: probs (N×C float32), labels, class names, the checkpoints used, and the split's identity."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
+    with fmt.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("probs", data=probs.astype(np.float32), compression="gzip")
         f["labels"] = labels.astype(np.int64)
         f["classes"] = np.array(classes, dtype=h5py.string_dtype())
@@ -88,7 +87,6 @@ def save_probs(path, probs, labels, classes, checkpoints, identity, crops):
         f.attrs["split"] = identity["split"]
         f.attrs["split_digest"] = identity["digest"]
         f.attrs["crops"] = crops
-    os.replace(tmp, path)
 
 
 def load_probs(path):

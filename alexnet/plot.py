@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from alexnet.run import read_log  # noqa: E402
+from datasets.format import atomic_path  # noqa: E402
 
 
 def plot(out_dir, out=None):
@@ -36,10 +37,9 @@ def plot(out_dir, out=None):
     for ax in (ax_loss, ax_err, ax_lr):
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.abspath(out_dir)))
-    tmp = f"{out}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -77,10 +77,8 @@ def prepare_out_dir(out_dir, fresh):
 
 
 def write_config(out_dir, resolved):
-    path = os.path.join(out_dir, "config.yaml")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with fmt.atomic_path(os.path.join(out_dir, "config.yaml")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(yaml_dump(resolved) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 class RunLog:

@@ -5,6 +5,7 @@ Each record's key is its global index as an 8-byte big-endian unsigned integer, 
 walks records in index order; its value is a msgpack map (see ``pack_record``). Nothing is
 pickled: a split from a stranger is safe to open. ``docs/FORMAT.md`` is the prose version.
 """
+import contextlib
 import json
 import os
 import struct
@@ -161,15 +162,30 @@ def decode_image(rec, encoding, *, where="record"):
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside ``path`` (same extension) to write; when the block ends it is fsynced and
+    renamed over ``path``, so a reader never sees half a file; on an error it is removed."""
+    root, ext = os.path.splitext(os.fspath(path))
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path, obj):
-    """Write JSON to a temp file, fsync, rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(root):

@@ -18,6 +18,7 @@ depend on thread timing, and ``state_dict()`` / ``load_state_dict()`` resume mid
 """
 import collections
 import functools
+import multiprocessing
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -254,7 +255,7 @@ class Loader:
             yield torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
 
 
-DEFAULT_BACKEND = "processes" if "fork" in __import__("multiprocessing").get_all_start_methods() else "threads"
+DEFAULT_BACKEND = "processes" if "fork" in multiprocessing.get_all_start_methods() else "threads"
 
 
 def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, world_size=1, order="random",

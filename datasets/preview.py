@@ -5,13 +5,13 @@ paper's PCA colour shift, labelled with its class name, so a person can check th
 ``--pca-std`` exaggerates the shift to make its direction visible (the paper's is 0.1).
 """
 import argparse
-import os
 import sys
 
 import cv2
 import numpy as np
 import torch
 
+from datasets.format import atomic_path
 from datasets.loader import make_loader
 from datasets.transforms import pca_lighting
 
@@ -42,10 +42,9 @@ def preview(root, out, *, count=16, columns=4, crop=None, pca_std=0.1, seed=0, c
     cv2.putText(header, f"{root}: crop {images.shape[-1]}, left as stored, right with the PCA colour shift "
                         f"(pca_std {pca_std})", (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     grid = np.vstack([header, grid])
-    tmp = f"{out}.tmp-{os.getpid()}.png"
-    if not cv2.imwrite(tmp, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{out}: cannot write")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        if not cv2.imwrite(tmp, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{out}: cannot write (is the extension an image format, e.g. .png?)")
     return grid.shape
 
 

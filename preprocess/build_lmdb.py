@@ -152,12 +152,8 @@ class _Writer:
         self.pending = []
         progress = {"position": self.position, "counts": self.counts, "skipped": self.skipped,
                     "shards": [s.to_dict() for s in self.shards], "total": self.total.to_dict(with_image=True)}
-        path = os.path.join(self.tmp, PROGRESS_FILE)
-        with open(path + ".tmp", "wb") as f:
+        with fmt.atomic_path(os.path.join(self.tmp, PROGRESS_FILE)) as tmp, open(tmp, "wb") as f:
             f.write(msgpack.packb(progress))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
         self.last_commit = time.monotonic()
 
     def close(self):
@@ -324,12 +320,8 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
                      "lmdb": lmdb.__version__, "msgpack": ".".join(map(str, msgpack.version))},
     }
     if mean_image:
-        path = os.path.join(tmp, fmt.MEAN_IMAGE_FILE)
-        with open(path + ".tmp", "wb") as f:
+        with fmt.atomic_path(os.path.join(tmp, fmt.MEAN_IMAGE_FILE)) as path, open(path, "wb") as f:
             np.save(f, writer.total.mean_image(), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
     fmt.write_json_atomic(os.path.join(tmp, fmt.META_FILE), meta)
     for name in (PLAN_FILE, PROGRESS_FILE):
         os.remove(os.path.join(tmp, name))
