@@ -138,3 +138,9 @@ def test_channels_last_gives_the_same_output():
     ref = model(x)
     cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_summary_command_prints_the_totals():
+    from tests.conftest import run_cli
+    out = run_cli("alexnet.summary", "--groups", "2").stdout
+    assert "60,965,224" in out and "0.724 G multiply-adds" in out and "256x6x6" in out

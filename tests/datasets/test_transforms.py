@@ -68,3 +68,13 @@ def test_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert Normalize(META).eval()(x).dtype == torch.bfloat16
     assert Normalize(META).eval()(x).dtype == torch.float32
+
+
+def test_preview_writes_a_labelled_grid(jpeg_split, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import run_cli
+    run_cli("datasets.preview", jpeg_split, "--out", tmp_path / "p.png", "--count", 6, "--columns", 3, "--crop", 32)
+    im = Image.open(tmp_path / "p.png")
+    assert im.format == "PNG" and im.width > 3 * 2 * 160 and im.height > 2 * 160
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
