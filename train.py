@@ -54,7 +54,7 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         train_loader.load_state_dict(ckpt["loader"])
         checkpoint.set_rng_state(ckpt["rng"])
-        if len(ckpt["rng"]["torch_ranks"]) == world_size:
+        if len(ckpt["rng"].get("torch_ranks", [])) == world_size:
             torch.set_rng_state(ckpt["rng"]["torch_ranks"][rank])
         epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         if main_rank:
