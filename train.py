@@ -28,6 +28,8 @@ def main(argv=None):
     resolved = config.to_dict(cfg)
     device = run.pick_device(cfg.train.device)
     rank, world_size = distributed.setup(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (torchrun's LOCAL_RANK)
     main_rank = rank == 0
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -66,10 +68,10 @@ def main(argv=None):
     log = run.RunLog(cfg.out_dir) if main_rank else None
 
     model = net
-    if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
-        model = torch.compile(model)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
+        model = torch.compile(model)  # after DDP, so the compiler splits graphs at DDP's gradient buckets
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
     def save(path, next_epoch):
