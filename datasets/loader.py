@@ -170,7 +170,7 @@ class Loader:
         self.order, self.backend, self.prefetch = order, backend, prefetch
         self.pin = torch.cuda.is_available()
         self.epoch, self.position = 0, 0
-        self._plan_key, self._plan = None, None
+        self._plan_epoch, self._plan = None, None
         self._pool = None
 
     @property
@@ -178,11 +178,10 @@ class Loader:
         return self.dataset.meta
 
     def plan(self):
-        key = (self.epoch,)
-        if self._plan_key != key:
+        if self._plan_epoch != self.epoch:
             self._plan = epoch_plan(self.dataset, batch_size=self.batch_size, train=self.train, epoch=self.epoch,
                                     seed=self.seed, rank=self.rank, world_size=self.world_size, order=self.order)
-            self._plan_key = key
+            self._plan_epoch = self.epoch
         return self._plan
 
     def __len__(self):
