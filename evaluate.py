@@ -75,9 +75,9 @@ def main(argv=None):
     for path, (model, normalize, ckpt) in zip(paths, models):
         crop = ckpt["config"]["data"]["crop"]
         loader = make_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers,
-                             crop=dataset.meta["size"] if args.tencrop else crop)
+                             crop=dataset.meta["size"] if args.tencrop else crop, device=device)
         probs, labels = evaluation.predict(model, normalize, loader, crop=crop, tencrop=args.tencrop,
-                                           device=device, autocast=autocast)
+                                           autocast=autocast)
         total = probs if total is None else total + probs
     probs = total / len(models)
     images_per_s = len(labels) * len(models) / (time.perf_counter() - t0)

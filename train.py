@@ -35,7 +35,7 @@ def main(argv=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    train_loader, val_loader, normalize = run.data(cfg, rank, world_size)
+    train_loader, val_loader, normalize = run.data(cfg, rank, world_size, device)
     meta = train_loader.meta
     net = run.model(cfg, len(meta["classes"])).to(device, memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed * 1000 + rank)  # after init (DDP copies rank 0's): each rank its own dropout

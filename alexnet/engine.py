@@ -1,7 +1,7 @@
 """The loop: ``train_one_epoch`` and ``evaluate``, each about a screen long.
 
-Batches arrive as uint8 on the host; they are copied to the device without blocking and normalised
-there (``datasets.Normalize``). The loss is read back to the host only every ``log_every`` steps, which is
+Batches arrive as uint8 on the model's device (the loader copies them there ahead of use, see
+``datasets/device.py``) and are normalised there (``datasets.Normalize``). The loss is read back to the host only every ``log_every`` steps, which is
 also when a NaN or infinite loss stops the run.
 """
 import math
@@ -39,8 +39,6 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
     t_wait = time.perf_counter()
     for images, labels in loader:
         wait += time.perf_counter() - t_wait
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
         with autocast:
             logits = model(normalize(images))
             loss = F.cross_entropy(logits, labels)
@@ -80,7 +78,6 @@ def evaluate(model, loader, normalize, *, device, autocast, show=False):
     for images, labels in tqdm(loader, desc="val", disable=not show, leave=False, dynamic_ncols=True):
         if len(labels) == 0:
             continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             logits = model(normalize(images)).float()
         top1, top5 = topk_correct(logits, labels, (1, min(5, logits.shape[1])))

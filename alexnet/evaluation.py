@@ -43,11 +43,10 @@ def check_classes(ckpt, path, classes, data):
 
 
 @torch.no_grad()
-def predict(model, normalize, loader, *, crop, tencrop, device, autocast):
+def predict(model, normalize, loader, *, crop, tencrop, autocast):
     """(N×C float32 softmax, averaged over the ten patches when ``tencrop``; N labels), in record order."""
     probs, labels = [], []
-    for images, y in loader:
-        images = images.to(device, non_blocking=True)
+    for images, y in loader:  # on ``device`` already: the loader copies ahead of use
         if tencrop:
             patches = ten_crop(images, crop).flatten(0, 1)  # [B*10, 3, crop, crop], image-major
         else:
@@ -61,7 +60,7 @@ def predict(model, normalize, loader, *, crop, tencrop, device, autocast):
         if tencrop:
             p = p.view(len(images), 10, -1).mean(dim=1)
         probs.append(p.cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 

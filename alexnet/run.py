@@ -23,17 +23,19 @@ def pick_device(name):
     return torch.device(name)
 
 
-def open_split(path, key):
+def open_split(path, key, *, readahead=False):
     try:
-        return LMDBDataset(path)
+        return LMDBDataset(path, readahead=readahead)
     except fmt.FormatError as exc:
         raise RunError(f"{key}: {exc}. Build a packed split with: python -m preprocess.build_lmdb SRC {path or 'OUT'}"
                        ) from None
 
 
-def data(cfg, rank, world_size):
-    """(train loader, val loader, Normalize) for this rank; val must share train's classes."""
-    train_ds, val_ds = open_split(cfg.data.train, "data.train"), open_split(cfg.data.val, "data.val")
+def data(cfg, rank, world_size, device=None):
+    """(train loader, val loader, Normalize) for this rank, the loaders yielding batches on ``device``; val
+    must share train's classes. The sequential order reads its shards with the kernel's readahead on."""
+    train_ds = open_split(cfg.data.train, "data.train", readahead=cfg.data.order == "sequential")
+    val_ds = open_split(cfg.data.val, "data.val")
     if train_ds.classes != val_ds.classes:
         missing = sorted(set(train_ds.classes) ^ set(val_ds.classes))[:5]
         raise RunError(f"data.val ({cfg.data.val}) has other classes than data.train ({cfg.data.train}), e.g. "
@@ -41,7 +43,7 @@ def data(cfg, rank, world_size):
     if cfg.train.batch_size % world_size:
         raise RunError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {world_size} ranks")
     per_rank = cfg.train.batch_size // world_size
-    common = dict(workers=cfg.data.workers, crop=cfg.data.crop, rank=rank, world_size=world_size)
+    common = dict(workers=cfg.data.workers, crop=cfg.data.crop, rank=rank, world_size=world_size, device=device)
     train = make_loader(train_ds, batch_size=per_rank, train=True, seed=cfg.seed, order=cfg.data.order, **common)
     val = make_loader(val_ds, batch_size=per_rank, train=False, **common)
     mean_image = fmt.read_mean_image(train_ds.root, train_ds.meta) if cfg.data.mean == "image" else None

@@ -77,7 +77,8 @@ class LMDBDataset:
     def visit(self, indices, fn, *, copy=False):
         """Call ``fn(position, index, record)`` for each of ``indices``, in one read transaction per shard
         touched. With ``copy=False`` the record's ``image`` is a zero-copy view into the memory-mapped
-        shard, valid only during the call: decode or copy what you need there."""
+        shard, valid only during the call: decode or copy what you need there. An exception from ``fn``
+        leaves with the record named (its ``record`` attribute, and a note)."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             bad = indices[(indices < 0) | (indices >= len(self))][0]
@@ -92,7 +93,14 @@ class LMDBDataset:
                     where = f"{self.paths[s]} record {i}"
                     if value is None:
                         raise fmt.FormatError(f"{where}: missing from its shard; the split is damaged, rebuild it")
-                    fn(pos, i, fmt.unpack_record(value, where=where, copy=copy))
+                    try:
+                        fn(pos, i, fmt.unpack_record(value, where=where, copy=copy))
+                    except Exception as exc:  # name the record, whatever failed (a worker sends this on)
+                        if getattr(exc, "record", None) is None:
+                            exc.record = where
+                            if where not in str(exc):
+                                exc.add_note(f"while reading {where}")
+                        raise
 
     def records(self, indices):
         """Unpacked, crc-checked records for ``indices`` (images as bytes)."""

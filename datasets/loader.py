@@ -8,10 +8,15 @@ buffer. Images stay uint8 and channels-last until they reach the model's device,
 Where the work runs (``backend``), measured in ``docs/BENCHMARKS.md``:
 - ``"processes"`` (default where ``fork`` exists): ``workers`` forked processes (one decoder each) build
   whole batches into shared memory mapped once (``datasets/worker_pool.py``): no per-batch hand-over
-  cost, and no GIL shared with the trainer. Batches are not pinned.
-- ``"threads"``: ``workers`` threads in this process, each building whole batches, pinned when CUDA is
-  present. OpenCV's decoder releases the GIL, so JPEG decoding scales as well as with processes; raw
-  records do not (their per-image work is short, and the GIL hand-offs between threads dominate).
+  cost, and no GIL shared with the trainer. A batch's memory is never written again while the caller
+  holds any tensor or view of it.
+- ``"threads"``: ``workers`` threads in this process, each building whole batches into fresh memory
+  (pinned for a CUDA device). OpenCV's decoder releases the GIL, so JPEG decoding scales as well as with
+  processes; raw records do not (their per-image work is short, and the GIL hand-offs dominate).
+
+Where batches end up (``device``): the host by default; with a CUDA device, the loader copies each batch on a
+side stream ahead of the consumer and gives its host memory back only once that copy has completed
+(``datasets/device.py``), so the trainer never calls ``.to(device)`` on loader output itself.
 
 The augmentation of a batch is a pure function of (seed, epoch, rank, batch number), so results do not
 depend on thread timing, and ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly.
@@ -27,8 +32,9 @@ import numpy as np
 import torch
 
 from datasets import format as fmt
+from datasets.device import CudaCopier, to_device
 from datasets.lmdb_dataset import LMDBDataset
-from datasets.worker_pool import ProcessPool
+from datasets.worker_pool import CudaRegistrar, ProcessPool
 
 ORDERS = ("random", "sequential")
 BACKENDS = ("threads", "processes")
@@ -155,7 +161,7 @@ class Loader:
     """Iterable of (images, labels) batches for one rank; see ``make_loader``."""
 
     def __init__(self, dataset, *, batch_size, train, workers, seed, crop, rank, world_size, order, backend,
-                 prefetch):
+                 prefetch, device=None, copier=None):
         size = dataset.meta["size"]
         if not 0 < crop <= size:
             raise ValueError(f"crop {crop} must be in 1..{size} (the split's size)")
@@ -165,10 +171,16 @@ class Loader:
             raise ValueError(f"backend={backend!r}: one of {', '.join(BACKENDS)}")
         if order not in ORDERS:
             raise ValueError(f"order={order!r}: one of {', '.join(ORDERS)}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if copier is None and self.device.type == "cuda":
+            copier = CudaCopier(self.device)
+        elif copier is None and self.device.type != "cpu":
+            raise ValueError(f"device={device!r}: 'cpu' or a CUDA device")
+        self.copier = copier
         self.dataset, self.batch_size, self.train, self.workers = dataset, batch_size, train, workers
         self.seed, self.crop, self.rank, self.world_size = seed, crop, rank, world_size
         self.order, self.backend, self.prefetch = order, backend, prefetch
-        self.pin = torch.cuda.is_available()
+        self.pin = self.device.type == "cuda"  # page-locked host memory only where a GPU copies from it
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         self._pool = None
@@ -213,10 +225,23 @@ class Loader:
         batches = self._batches()
         start = self.position
         source = self._threads(batches, start) if self.backend == "threads" else self._processes(len(batches), start)
-        for k, batch in enumerate(source, start):
-            self.position = k + 1
-            yield batch
+        if self.copier is not None:
+            source = to_device(source, self.copier)
+        try:
+            for k, batch in enumerate(source, start):
+                self.position = k + 1  # batches handed to the caller, whatever was read ahead
+                yield batch
+        finally:
+            source.close()
         self.position = 0  # a finished epoch iterates again from its start
+
+    def close(self):
+        """Stop the workers and give back their memory; iterating again starts new ones. Safe to repeat."""
+        if isinstance(self._pool, ProcessPool):
+            self._pool.close()
+        elif self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        self._pool = None
 
     def _threads(self, batches, start):
         if self.workers == 0:
@@ -247,8 +272,11 @@ class Loader:
                 _epoch_batches, self.dataset, dict(batch_size=self.batch_size, train=self.train, seed=self.seed,
                                                    rank=self.rank, world_size=self.world_size, order=self.order),
                 self.crop)
-            self._pool = ProcessPool(make_batches, workers=self.workers, slots=self.workers * self.prefetch + 2,
-                                     batch_shape=(self.batch_size, self.crop, self.crop, 3))
+            # slots: those being built ahead, the caller's current and previous batch, and the device stage's
+            slots = self.workers * self.prefetch + 2 + (4 if self.copier is not None else 0)
+            self._pool = ProcessPool(make_batches, workers=self.workers, slots=slots,
+                                     batch_shape=(self.batch_size, self.crop, self.crop, 3),
+                                     registrar=CudaRegistrar() if self.pin else None)
             weakref.finalize(self, self._pool.close)
         for images, labels in self._pool.run(self.epoch, start, num_batches):
             yield torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
@@ -258,17 +286,18 @@ DEFAULT_BACKEND = "processes" if "fork" in multiprocessing.get_all_start_methods
 
 
 def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, world_size=1, order="random",
-                backend=DEFAULT_BACKEND, prefetch=2):
+                backend=DEFAULT_BACKEND, prefetch=2, device=None, copier=None):
     """An iterable of ``(images, labels)``: ``images`` uint8 [B, 3, crop, crop] (RGB, channels-last memory),
-    ``labels`` int64 [B].
+    ``labels`` int64 [B], on ``device`` (None or "cpu": the host; a CUDA device: copied there ahead of use).
 
     ``train=True``: a random ``crop`` (default: the split's size − 32, i.e. 224 of 256) and a random
     horizontal flip per image, reshuffled each epoch (``loader.set_epoch(e)``). ``train=False``: the centre
     crop, in record order, every record exactly once. ``rank``/``world_size`` give each rank a disjoint
     share of every epoch, with the same number of batches. ``workers`` processes (or threads, with
-    ``backend="threads"``; 0: the calling thread) build batches, ``prefetch`` each ahead.
+    ``backend="threads"``; 0: the calling thread) build batches, ``prefetch`` each ahead. ``copier`` replaces
+    the CUDA copy (``datasets.device.Copier``: how tests hold a copy in flight).
     """
     dataset = root if isinstance(root, LMDBDataset) else LMDBDataset(root, readahead=order == "sequential")
     crop = crop or dataset.meta["size"] - 32
     return Loader(dataset, batch_size=batch_size, train=train, workers=workers, seed=seed, crop=crop, rank=rank,
-                  world_size=world_size, order=order, backend=backend, prefetch=prefetch)
+                  world_size=world_size, order=order, backend=backend, prefetch=prefetch, device=device, copier=copier)

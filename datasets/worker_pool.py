@@ -4,37 +4,73 @@ A DataLoader hands every batch from a worker to the trainer through fresh shared
 faults and pickling per batch (near 10,000 small images/s here, whatever the workers can do). Here the
 batch buffers ("slots") are mapped once, before the workers fork, and shared by all processes: a worker
 writes batch k into a free slot and sends back only (k, slot, count); the trainer receives a zero-copy
-tensor view of the slot. A slot is reused only once nothing outside this module refers to it any more
-(its numpy array's reference count), so a batch that the caller keeps is never overwritten; if the caller
-keeps every slot, batches are copied out instead. When CUDA is present the slots are page-locked
-(``cudaHostRegister``), so copies to the GPU can be asynchronous, as from pinned memory.
+view of the slot.
+
+Ownership: a slot is free, in flight (a worker is writing it), ready (written, not yet yielded) or leased
+(yielded). A lease is a fresh numpy view of the slot with a finalizer; ``torch.from_numpy`` keeps that view
+alive for as long as any tensor, view or ``.numpy()`` of the batch exists, so the slot is free again only
+when the caller holds nothing of it (a device stage holds it until its copy's event completes, see
+``datasets/device.py``). A slot in flight stays in flight until its worker reports back, whichever iteration
+sent it, so an abandoned iteration cannot hand a slot still being written to a later one. When the caller
+holds every slot, the batch is copied out instead of stalling.
+
+When the loader's device is CUDA the slots are page-locked (``cudaHostRegister``) after the fork, so copies
+to the GPU can be asynchronous, as from pinned memory; they are unregistered on ``close()``.
 """
+import collections
+import ctypes
+import gc
 import mmap
 import multiprocessing
+import os
 import queue
-import sys
+import threading
+import traceback
 import warnings
+import weakref
 
 import cv2
 import numpy as np
-import torch
 
 from datasets import format as fmt
 
-_ERRORS = {"FormatError": fmt.FormatError, "IndexError": IndexError, "ValueError": ValueError}
+POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 
 
-def _shared_array(shape, dtype):
-    """An array on anonymous shared memory: forked children write into the very same pages."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype)[:int(np.prod(shape))].reshape(shape)
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (set as the caller's exception's cause)."""
+
+    def __str__(self):
+        return self.args[0]
 
 
-def _worker(make_batches, images, labels, tasks, results):
-    """Build batches until told to stop: task (generation, epoch, k, slot) -> result (generation, k, slot, n, error)."""
+_ERRORS = {cls.__name__: cls for cls in (fmt.FormatError, IndexError, KeyError, ValueError, TypeError,
+                                          ZeroDivisionError, ArithmeticError, OSError, MemoryError, RuntimeError,
+                                          AssertionError, AttributeError, NotImplementedError)}
+
+
+def _worker_error(typename, message, record, tb, pid):
+    """The caller's exception for a worker's: same type where known, the record named, its traceback as cause."""
+    if record and record not in message:
+        message = f"{record}: {message}"
+    cls = _ERRORS.get(typename)
+    exc = cls(message) if cls is not None else RuntimeError(f"{typename}: {message}")
+    exc.__cause__ = RemoteTraceback(f"\n\nin loader worker (pid {pid}):\n{tb}")
+    return exc
+
+
+def _worker(make_batches, images, labels, tasks, results, parent):
+    """Build batches until told to stop or orphaned: task (generation, epoch, k, slot) -> result
+    (generation, k, slot, n, error)."""
+    results.cancel_join_thread()  # never block exit on a result nobody will read
     cached = {}
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:  # the trainer died (kill -9 included): nobody to build for
+                return
+            continue
         if task is None:
             return
         generation, epoch, k, slot = task
@@ -44,91 +80,188 @@ def _worker(make_batches, images, labels, tasks, results):
                 cached[epoch] = make_batches(epoch)
             n = cached[epoch].fill(k, images[slot], labels[slot])
             results.put((generation, k, slot, n, None))
-        except Exception as exc:  # sent back and raised in the trainer, with the record named
-            results.put((generation, k, slot, 0, (type(exc).__name__, str(exc))))
+        except Exception as exc:  # raised again in the trainer, with the record and this traceback
+            error = (type(exc).__name__, str(exc), getattr(exc, "record", None), traceback.format_exc(), os.getpid())
+            results.put((generation, k, slot, 0, error))
+
+
+class CudaRegistrar:
+    """cudaHostRegister / cudaHostUnregister through torch, and cudaGetLastError through the libcudart that
+    torch loaded: a failed registration leaves an error that a later kernel-launch check would report."""
+
+    def __init__(self):
+        import torch
+        self.cudart = torch.cuda.cudart()
+
+    def register(self, ptr, nbytes):
+        return int(self.cudart.cudaHostRegister(ptr, nbytes, 0))
+
+    def unregister(self, ptr):
+        return int(self.cudart.cudaHostUnregister(ptr))
+
+    def clear_error(self):
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
 
 
 class ProcessPool:
-    """``workers`` processes and ``slots`` shared batch buffers of ``batch_shape`` (B, crop, crop, 3)."""
+    """``workers`` processes and ``slots`` shared batch buffers of ``batch_shape`` (B, crop, crop, 3).
+    ``registrar`` (e.g. ``CudaRegistrar()``) page-locks the slots; None leaves them pageable."""
 
-    def __init__(self, make_batches, *, workers, slots, batch_shape):
-        self.images = [_shared_array(batch_shape, np.uint8) for _ in range(slots)]
-        self.labels = [_shared_array(batch_shape[:1], np.int64) for _ in range(slots)]
-        ctx = multiprocessing.get_context("fork")
-        self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
+    def __init__(self, make_batches, *, workers, slots, batch_shape, registrar=None):
+        self._maps = [mmap.mmap(-1, max(int(np.prod(batch_shape)), 1)) for _ in range(slots)]
+        self.images = [np.frombuffer(m, np.uint8)[:int(np.prod(batch_shape))].reshape(batch_shape)
+                       for m in self._maps]
+        self.labels = [np.frombuffer(mmap.mmap(-1, 8 * batch_shape[0]), np.int64) for _ in range(slots)]
+        self._free = collections.deque(range(slots))  # appended to by finalizers, from any thread
+        self._in_flight = {}  # slot -> generation of the task writing it
+        self._lock = threading.Lock()
         self.generation = 0
+        ctx = multiprocessing.get_context("fork")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
         # A forked child must not inherit OpenCV's thread pool (it hangs once OpenMP, e.g. torch's, ran here).
         cv_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
         try:
             self.procs = [ctx.Process(target=_worker, args=(make_batches, self.images, self.labels, self.tasks,
-                                                            self.results), daemon=True) for _ in range(workers)]
+                                                            self.results, os.getpid()), daemon=True)
+                          for _ in range(workers)]
             for p in self.procs:
                 p.start()
         finally:
             cv2.setNumThreads(cv_threads)
-        self.pinned = torch.cuda.is_available() and self._pin()
+        self._registrar, self._registered = registrar, []
+        self.pinned = registrar is not None and self._pin()
+        self.closed = False
 
     def _pin(self):
-        """Page-lock the slots for asynchronous host-to-GPU copies (after the fork: only this process's view)."""
-        cudart = torch.cuda.cudart()
+        """Page-lock every slot (after the fork: only this process's view), or none of them."""
         for a in self.images:
-            if int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) != 0:
+            if self._registrar.register(a.ctypes.data, a.nbytes) != 0:
+                self._registrar.clear_error()
+                self._unpin()
                 warnings.warn("could not page-lock the loader's batch buffers; host-to-GPU copies will be "
                               "synchronous", RuntimeWarning)
                 return False
+            self._registered.append(a.ctypes.data)
         return True
 
-    def _held(self, slot):
-        return sys.getrefcount(self.images[slot]) > 2  # the list's reference and getrefcount's own
+    def _unpin(self):
+        while self._registered:
+            self._registrar.unregister(self._registered.pop())
+
+    def free_slots(self):
+        return len(self._free)
+
+    def _release(self, slot):
+        self._free.append(slot)
+
+    def _lease(self, slot, n):
+        """A view of slot ``slot`` whose death (the caller's last reference) frees the slot."""
+        view = self.images[slot][:n]
+        finalizer = weakref.finalize(view, self._release, slot)
+        finalizer.atexit = False
+        return view
 
     def _result(self):
+        """The next result of any iteration; a slot whose task was abandoned goes back to the free list."""
         while True:
             try:
-                return self.results.get(timeout=1.0)
+                r = self.results.get(timeout=1.0)
             except queue.Empty:
                 for p in self.procs:
                     if not p.is_alive():
+                        code = p.exitcode
                         self.close()
-                        raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with code "
-                                           f"{p.exitcode}") from None
+                        raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with code {code}"
+                                           ) from None
+                continue
+            with self._lock:
+                self._in_flight.pop(r[2], None)
+            return r
 
     def run(self, epoch, start, stop):
-        """Yield (images [n, crop, crop, 3] uint8 array, labels) for batches start..stop-1 of ``epoch``, in order."""
+        """Yield (images [n, crop, crop, 3] uint8 array, labels) for batches start..stop-1 of ``epoch``, in order.
+        Starting another ``run`` ends this one: its slots go back once its workers report."""
+        if self.closed:
+            raise RuntimeError("the loader's worker pool is closed")
         self.generation += 1
-        gen, in_flight, done, nxt = self.generation, {}, {}, start
-        for k in range(start, stop):
-            busy = set(in_flight.values()) | {s for s, _ in done.values()}
-            for slot in range(len(self.images)):
-                if nxt >= stop:
-                    break
-                if slot not in busy and not self._held(slot):
+        gen = self.generation
+        ahead = max(1, len(self.images) - 2)  # the caller's current and previous batch hold the other two
+        sent, ready, nxt = {}, {}, start
+        try:
+            for k in range(start, stop):
+                if gen != self.generation:
+                    raise RuntimeError("this iteration was ended by a newer iteration of this loader; "
+                                       "iterate the newer one")
+                while k not in sent and k not in ready and not self._free:
+                    self._reclaim()  # the caller holds every slot it has not given back: wait for one in flight
+                while nxt < stop and len(sent) + len(ready) < ahead and self._free:
+                    slot = self._free.popleft()
+                    with self._lock:
+                        self._in_flight[slot] = gen
                     self.tasks.put((gen, epoch, nxt, slot))
-                    in_flight[nxt] = slot
-                    busy.add(slot)
+                    sent[nxt] = slot
                     nxt += 1
-            if k not in in_flight and k not in done:  # every slot is held by the caller: wait for one
-                raise RuntimeError("no batch buffer is free: the caller holds all of them")
-            while k not in done:
-                r_gen, r_k, slot, n, error = self._result()
-                if r_gen != gen:
-                    continue  # left over from an abandoned iteration
-                if error is not None:
-                    raise _ERRORS.get(error[0], RuntimeError)(error[1])
-                done[r_k] = (slot, n)
-                in_flight.pop(r_k)
-            slot, n = done.pop(k)
-            free = [s for s in range(len(self.images))
-                    if s != slot and s not in in_flight.values() and not self._held(s)]
-            images, labels = self.images[slot][:n], self.labels[slot][:n].copy()
-            yield (images.copy() if not free else images), labels  # copy only when the caller keeps every slot
-            del images
+                while k not in ready:
+                    r_gen, r_k, slot, n, error = self._result()
+                    if r_gen != gen:
+                        self._release(slot)  # left over from an abandoned iteration
+                        continue
+                    if error is not None:
+                        self._release(slot)
+                        raise _worker_error(*error)
+                    ready[r_k] = (slot, n)
+                    sent.pop(r_k)
+                slot, n = ready.pop(k)
+                labels = self.labels[slot][:n].copy()
+                if not self._free and not self._in_flight and not ready:
+                    # the caller holds every other slot: copy out, so that this one can build the next batch
+                    images = self.images[slot][:n].copy()
+                    self._release(slot)
+                    yield images, labels
+                else:
+                    yield self._lease(slot, n), labels
+        finally:
+            for slot, _ in ready.values():
+                self._release(slot)
+
+    def _reclaim(self):
+        """Wait until a slot is free: a task of an abandoned iteration reports back, or a batch the caller
+        kept in a reference cycle is collected."""
+        if self._in_flight:
+            r_gen, r_k, slot, n, error = self._result()
+            self._release(slot)
+            return
+        gc.collect()
+        if not self._free:
+            raise RuntimeError("no batch buffer is free and none is being written: the loader's buffers are all "
+                               "held by the caller")
 
     def close(self):
+        """Stop the workers, unregister and unmap the slots (those the caller still holds stay mapped until
+        dropped). Safe to call twice."""
+        if getattr(self, "closed", True):
+            return
+        self.closed = True
         for _ in self.procs:
             self.tasks.put(None)
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+                p.join()
         self.procs = []
+        if self._registrar is not None:
+            self._unpin()
+        self.tasks.close()
+        self.results.close()
+        self.images = self.labels = []
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a batch the caller still holds: unmapped when it is dropped
+                pass
+        self._maps = []

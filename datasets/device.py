@@ -1,0 +1,87 @@
+"""The hand-off of host batches to the model's device: copies issued ahead on a side stream, and a host
+buffer given back only once the event recorded after its copy has completed (as FFCV's loader does).
+
+``to_device(batches, copier)`` wraps an iterator of host ``(images, labels)``: it issues the copy of each
+batch ``ahead`` batches before the consumer asks for it, makes the consumer wait for that copy (on CUDA, its
+stream waits for the copy's event: the host does not block), and keeps a reference to each host batch until
+its copy's event reports completion. Dropping that reference is what frees the batch's shared-memory slot
+(``datasets/worker_pool.py``), so no worker can overwrite memory that a queued copy has yet to read.
+
+``Copier`` is the seam: ``copy(images, labels) -> (device images, device labels, event)`` where ``event``
+has ``query()`` (done yet?) and ``synchronize()`` (wait until done), and ``wait(event, *device_tensors)``
+orders the consumer after the copy. ``CudaCopier`` is the real one; tests hold events "in flight" with their own.
+"""
+import collections
+
+
+class Copier:
+    """How batches reach a device; see the module docstring."""
+
+    def copy(self, images, labels):
+        raise NotImplementedError
+
+    def wait(self, event, *device_tensors):
+        raise NotImplementedError
+
+
+class CudaCopier(Copier):
+    """Copies on a side stream of ``device``; uint8 images keep their channels-last layout, labels int64."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+
+    def copy(self, images, labels):
+        torch = self.torch
+        with torch.cuda.stream(self.stream):
+            d_images = images.to(self.device, non_blocking=True)
+            d_labels = labels.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return d_images, d_labels, event
+
+    def wait(self, event, *device_tensors):
+        """The consumer's stream waits for the copy, and the caching allocator learns that the consumer's
+        stream uses the copies' memory (allocated on the side stream), so it is not reused too early."""
+        consumer = self.torch.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        for t in device_tensors:
+            t.record_stream(consumer)
+
+
+def to_device(batches, copier, *, ahead=2, in_flight=2):
+    """Device batches from host ``batches``: copies issued ``ahead`` batches early; at most ``in_flight``
+    yielded batches whose copies are not yet known complete (the oldest is waited for beyond that)."""
+    issued = collections.deque()  # (host images, host labels, device images, device labels, event), not yet yielded
+    unconfirmed = collections.deque()  # (host images, host labels, event), yielded, copy maybe still running
+
+    def reap():
+        while unconfirmed and unconfirmed[0][2].query():
+            unconfirmed.popleft()
+        while len(unconfirmed) > in_flight:
+            unconfirmed.popleft()[2].synchronize()
+
+    def hand_over(entry):
+        images, labels, d_images, d_labels, event = entry
+        copier.wait(event, d_images, d_labels)
+        unconfirmed.append((images, labels, event))
+        return d_images, d_labels
+
+    try:
+        for images, labels in batches:
+            reap()
+            issued.append((images, labels, *copier.copy(images, labels)))
+            del images, labels
+            if len(issued) > ahead:
+                yield hand_over(issued.popleft())
+        while issued:
+            yield hand_over(issued.popleft())
+            reap()
+    finally:
+        for entry in list(issued) + list(unconfirmed):
+            entry[-1].synchronize()  # nothing in flight may outlive its host buffer
+        issued.clear()
+        unconfirmed.clear()
+        if hasattr(batches, "close"):
+            batches.close()  # the host iteration gives back what it had ready

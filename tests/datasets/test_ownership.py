@@ -1,0 +1,190 @@
+"""A batch the caller holds is never written again: every backend, held whole or as views, abandoned iterations,
+iterations that overlap, and copies to a device that are still in flight (through the event seam)."""
+import gc
+import threading
+
+import pytest
+import torch
+
+from datasets import make_loader
+from datasets.device import Copier, to_device
+from datasets.worker_pool import ProcessPool
+
+CROP = 16
+
+
+def reference(root, epoch, *, batch_size=8, train=True):
+    """The batches of ``epoch`` built in the calling thread (workers=0), cloned."""
+    loader = make_loader(root, batch_size=batch_size, train=train, workers=0, crop=CROP, seed=7)
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def assert_same(got, expected):
+    assert len(got) == len(expected)
+    bad = [k for k, ((x, y), (ex, ey)) in enumerate(zip(got, expected)) if not (torch.equal(x, ex) and torch.equal(y, ey))]
+    assert not bad, f"batches {bad} of {len(expected)} differ from the workers=0 batches"
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+@pytest.mark.parametrize("workers,prefetch", [(1, 1), (2, 1), (2, 2), (3, 4)])
+def test_holding_every_batch_keeps_every_batch(coded_split, backend, workers, prefetch):
+    root = coded_split[0]
+    loader = make_loader(root, batch_size=8, train=True, workers=workers, prefetch=prefetch, crop=CROP, seed=7,
+                         backend=backend)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert_same(list(loader), reference(root, epoch))
+
+
+def test_holding_only_views_keeps_the_batch(coded_split):
+    """The caller keeps a slice of each batch and drops the batch: the slice still pins the memory."""
+    root = coded_split[0]
+    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=1, crop=CROP, seed=7)
+    views = [(x[2:5, :, 1:], y) for x, y in loader]
+    gc.collect()
+    views.append(None)  # and the loader runs another epoch while they are held
+    loader.set_epoch(1)
+    again = list(loader)
+    expected = reference(root, 0)
+    for (v, y), (ex, ey) in zip(views[:-1], expected):
+        assert torch.equal(v, ex[2:5, :, 1:]) and torch.equal(y, ey)
+    assert_same(again, reference(root, 1))
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_abandoned_iterations_never_corrupt_later_ones(coded_split, backend):
+    root = coded_split[0]
+    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=2, crop=CROP, seed=7, backend=backend)
+    expected = reference(root, 0)
+    for _ in range(12):
+        it = iter(loader)
+        first = [next(it), next(it)]
+        del it  # a `break` after two batches: its tasks are still being built
+        loader.position = 0
+        whole = list(loader)
+        assert_same(first, expected[:2])
+        assert_same(whole, expected)
+
+
+def test_next_iter_repeatedly_then_a_whole_epoch(coded_split):
+    root = coded_split[0]
+    loader = make_loader(root, batch_size=8, train=False, workers=3, prefetch=2, crop=CROP)
+    expected = reference(root, 0, train=False)
+    firsts = [next(iter(loader)) for _ in range(10)]  # each new iteration goes on where the last one stopped
+    loader.position = 0
+    assert_same(firsts, expected[:10])
+    assert_same(list(loader), expected)
+
+
+def test_an_overtaken_iteration_says_so(coded_split):
+    loader = make_loader(coded_split[0], batch_size=8, train=True, workers=2, crop=CROP, seed=7)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    next(new)
+    with pytest.raises(RuntimeError, match="a newer iteration of this loader"):
+        next(old)
+    assert_same(list(new), reference(coded_split[0], 0)[2:])
+
+
+class HeldEvent:
+    """An event-like object that completes only when the test (or ``synchronize``) says so. Completing it runs the
+    "DMA": the copy reads the host batch then, as a real asynchronous copy would."""
+
+    def __init__(self, run):
+        self.run, self.done = run, False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        if not self.done:
+            self.run()
+            self.run, self.done = None, True  # a finished copy refers to its host memory no more
+
+
+class DeferredCopier(Copier):
+    """Copies to "a device" that reads the host memory only when the copy's event completes."""
+
+    def __init__(self, hold_first=0):
+        self.events, self.hold_first = [], hold_first
+        self.lock = threading.Lock()
+
+    def copy(self, images, labels):
+        out_x, out_y = torch.empty_like(images), torch.empty_like(labels)
+
+        def run():
+            out_x.copy_(images)
+            out_y.copy_(labels)
+
+        event = HeldEvent(run)
+        self.events.append(event)
+        return out_x, out_y, event
+
+    def wait(self, event, *device_tensors):
+        pass  # the consumer's stream would wait; the test reads the outputs only after completing every event
+
+
+def complete_all(copier):
+    for e in copier.events:
+        e.synchronize()
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_copy_in_flight_keeps_its_host_buffer(coded_split, backend):
+    root = coded_split[0]
+    copier = DeferredCopier()
+    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=1, crop=CROP, seed=7, backend=backend,
+                         copier=copier)
+    got = []
+    for x, y in loader:
+        got.append((x, y))  # "device" tensors; the host batches behind them were dropped long ago
+    complete_all(copier)
+    assert_same(got, reference(root, 0))
+
+
+class _Numbered:
+    def fill(self, k, images, labels):
+        images[:] = k
+        labels[:] = k
+        return len(labels)
+
+
+def test_the_slot_comes_back_when_the_event_completes():
+    pool = ProcessPool(lambda epoch: _Numbered(), workers=1, slots=6, batch_shape=(2, 4, 4, 3))
+    copier = DeferredCopier()
+    host = ((torch.from_numpy(x), torch.from_numpy(y)) for x, y in pool.run(0, 0, 3))
+    device = to_device(host, copier, ahead=2, in_flight=2)
+    next(device)  # batches 0-2 read from the pool, 0 handed over, no copy complete
+    gc.collect()
+    assert pool.free_slots() == 3
+    next(device)
+    gc.collect()
+    assert pool.free_slots() == 3, "a slot came back while its copy was in flight"
+    copier.events[0].synchronize()
+    next(device)  # the stage looks at its copies before each hand-over
+    gc.collect()
+    assert pool.free_slots() == 4, "the slot of the completed copy is free again"
+    for e in copier.events:
+        e.synchronize()
+    assert list(device) == []
+    gc.collect()
+    assert pool.free_slots() == 6
+    pool.close()
+
+
+def test_copies_left_in_flight_by_an_abandoned_iteration_are_waited_for(coded_split):
+    root = coded_split[0]
+    copier = DeferredCopier()
+    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=1, crop=CROP, seed=7, copier=copier)
+    expected = reference(root, 0)
+    it = iter(loader)
+    first = [next(it) for _ in range(2)]
+    it.close()  # a break: whatever was copied ahead is finished before its host memory goes back
+    assert all(e.done for e in copier.events)
+    loader.position = 0
+    rest = list(loader)
+    complete_all(copier)
+    assert_same(first, expected[:2])
+    assert_same(rest, expected)

@@ -1,0 +1,181 @@
+"""Worker processes: they die with their parent, close() cleans up once and only once, their errors carry their
+traceback and the record, page-locking is undone when it fails, and CUDA stays untouched for a CPU loader."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import LMDBDataset, make_loader
+from datasets.worker_pool import ProcessPool
+from tests.conftest import ROOT
+
+
+def alive(pid):
+    """A process that exists and is not a zombie (an orphan may wait a moment for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_9_of_the_owner_leaves_no_worker(coded_split):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        from datasets import make_loader
+        loader = make_loader({str(coded_split[0])!r}, batch_size=8, train=True, workers=2, crop=8)
+        it = iter(loader)
+        next(it)
+        print(*[p.pid for p in loader._pool.procs], flush=True)
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in pids if alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"workers {left} outlived their owner by 10 s"
+    finally:
+        owner.kill()
+
+
+def test_close_twice_and_batches_held_across_close(coded_split):
+    loader = make_loader(coded_split[0], batch_size=8, train=False, workers=2, crop=8)
+    x, y = next(iter(loader))
+    kept = x.clone()
+    pool = loader._pool
+    pids = [p.pid for p in pool.procs]
+    loader.close()
+    loader.close()
+    pool.close()
+    assert not any(alive(p) for p in pids)
+    assert torch.equal(x, kept), "a batch held across close() keeps its memory"
+    del x
+    again = [b.clone() for b, _ in make_loader(coded_split[0], batch_size=8, train=False, workers=0, crop=8)]
+    assert torch.equal(again[0], kept)
+    assert [b.shape for b, _ in loader] == [b.shape for b in again[1:]], "a closed loader starts new workers"
+    loader.close()
+
+
+class _FailingDataset(LMDBDataset):
+    """Fails on record 7 inside the per-record work, as a bug in a decoder would."""
+
+    def visit(self, indices, fn, **kwargs):
+        def checked(pos, i, rec):
+            if i == 7:
+                decoder_bug_on_purpose(i)
+            fn(pos, i, rec)
+        return super().visit(indices, checked, **kwargs)
+
+
+def decoder_bug_on_purpose(i):
+    return 1 // (i - 7)
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_worker_error_names_the_record_and_keeps_its_traceback(coded_split, backend):
+    loader = make_loader(_FailingDataset(coded_split[0]), batch_size=8, train=False, workers=2, crop=8,
+                         backend=backend)
+    with pytest.raises(ZeroDivisionError) as info:
+        list(loader)
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "record 7" in text and "shard-0000" in text
+    chain = "".join(str(e) for e in (info.value, info.value.__cause__) if e is not None)
+    import traceback
+    chain += "".join(traceback.format_exception(info.value))
+    assert "decoder_bug_on_purpose" in chain, "the worker's traceback reaches the caller"
+
+
+def test_a_cpu_loader_never_touches_cuda(coded_split, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CUDA was queried or initialised for a CPU loader")
+
+    monkeypatch.setattr(torch.cuda, "is_available", forbidden)
+    monkeypatch.setattr(torch.cuda, "cudart", forbidden)
+    monkeypatch.setattr(torch.cuda, "init", forbidden)
+    for backend in ("processes", "threads"):
+        loader = make_loader(coded_split[0], batch_size=8, train=True, workers=2, crop=8, backend=backend)
+        assert len(list(loader)) == 11
+        loader.close()
+
+
+class _Registrar:
+    """Stands in for cudaHostRegister/cudaHostUnregister: fails on the ``fail_at``-th registration."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at, self.registered, self.calls, self.cleared = fail_at, set(), 0, 0
+
+    def register(self, ptr, nbytes):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return 1  # an error code, left pending as CUDA would
+        assert ptr not in self.registered
+        self.registered.add(ptr)
+        return 0
+
+    def unregister(self, ptr):
+        self.registered.remove(ptr)
+        return 0
+
+    def clear_error(self):
+        self.cleared += 1
+
+
+def _pool(registrar):
+    class Batches:
+        def fill(self, k, images, labels):
+            images[:] = k
+            labels[:] = k
+            return len(labels)
+    return ProcessPool(lambda epoch: Batches(), workers=1, slots=4, batch_shape=(2, 4, 4, 3), registrar=registrar)
+
+
+def test_page_locking_registers_every_slot_and_close_unregisters_them():
+    reg = _Registrar()
+    pool = _pool(reg)
+    assert pool.pinned and len(reg.registered) == 4
+    assert [int(x[0, 0, 0, 0]) for x, _ in pool.run(0, 0, 3)] == [0, 1, 2]
+    pool.close()
+    pool.close()
+    assert not reg.registered
+
+
+def test_a_failed_page_lock_leaves_nothing_registered_and_no_error_pending():
+    reg = _Registrar(fail_at=3)
+    with pytest.warns(RuntimeWarning, match="page-lock"):
+        pool = _pool(reg)
+    assert not pool.pinned and not reg.registered and reg.cleared == 1
+    assert [int(x[0, 0, 0, 0]) for x, _ in pool.run(0, 0, 3)] == [0, 1, 2]
+    pool.close()
+
+
+def test_sequential_order_opens_the_shards_with_readahead(tmp_path, coded_split):
+    """train.py with data.order=sequential: the training split's environments really read ahead."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from alexnet import config, run
+        from datasets import lmdb_dataset
+        cfg = config.load("configs/demo.yaml", ["data.train={coded_split[0]}", "data.val={coded_split[0]}",
+                                                "data.order=sequential", "data.crop=8", "data.workers=0"])
+        train, val, _ = run.data(cfg, 0, 1)
+        next(iter(train))
+        print(train.dataset.readahead, sorted({{env.flags()["readahead"] for env in lmdb_dataset._envs.values()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "[True]"]
