@@ -5,7 +5,7 @@ DEMO ?= demo
 REQS = $(PY) -c 'import configparser as c; p = c.ConfigParser(); p.read("setup.cfg"); print(p["options"]["install_requires"])'
 TEST_REQS = $(PY) -c 'import configparser as c; p = c.ConfigParser(); p.read("setup.cfg"); print(p["options.extras_require"]["test"])'
 
-.PHONY: deps test-deps demo test bench clean
+.PHONY: deps test-deps demo test bench gpu-wheels clean
 
 # torch first and pinned: a bare `torch` requirement can pull a multi-GB CUDA build where a CPU one would do.
 deps:
@@ -38,6 +38,12 @@ bench: deps
 	$(PY) -m bench.model
 	$(PY) -m bench.train_step
 	$(PY) -m bench.evaluate
+
+# The GPU machine has torch but neither lmdb nor zlib-ng, and no registry: wheels for its Python 3.12, fetched
+# here into .wheels/ (git-ignored), travel with `carry` (docs/BENCHMARKS.md, "GPU checks").
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .wheels lmdb zlib-ng
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -27,7 +27,14 @@ def main(argv=None):
     cfg = config.load(args.config, args.overrides)
     resolved = config.to_dict(cfg)
     device = run.pick_device(cfg.train.device)
-    rank, world_size = distributed.setup(device)
+    if cfg.train.ddp and "RANK" not in os.environ:
+        raise run.RunError("train.ddp=true needs the process group that torchrun sets up: "
+                           "torchrun --nproc_per_node N train.py CONFIG train.ddp=true")
+    rank, world_size = distributed.setup(device, force=bool(cfg.train.ddp))
+    if cfg.train.ddp is False and world_size > 1:
+        raise run.RunError(f"train.ddp=false with {world_size} processes would train {world_size} separate models; "
+                           "leave train.ddp unset")
+    use_ddp = world_size > 1 or bool(cfg.train.ddp)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (torchrun's LOCAL_RANK)
     main_rank = rank == 0
@@ -68,7 +75,7 @@ def main(argv=None):
     log = run.RunLog(cfg.out_dir) if main_rank else None
 
     model = net
-    if world_size > 1:
+    if use_ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
         model = torch.compile(model)  # after DDP, so the compiler splits graphs at DDP's gradient buckets

@@ -44,6 +44,8 @@ class Train:
     compile: typing.Optional[bool] = _f(None, "torch.compile the model (default: on CUDA only)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (the CPU always runs float32)")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda'")
+    ddp: typing.Optional[bool] = _f(None, "wrap the model in DistributedDataParallel (default: with more than one "
+                                          "process; true under torchrun on one GPU tests the multi-GPU path)")
 
 
 @dataclass

@@ -5,10 +5,11 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device):
-    """(rank, world_size), joining the process group when torchrun started us: NCCL on CUDA, gloo on the CPU."""
+def setup(device, force=False):
+    """(rank, world_size), joining the process group when torchrun started more than one process (or started
+    us at all, with ``force``): NCCL on CUDA, gloo on the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    if world_size == 1 and not (force and "RANK" in os.environ):
         return 0, 1
     rank = int(os.environ["RANK"])
     if device.type == "cuda":

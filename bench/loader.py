@@ -1,13 +1,16 @@
-"""Loader throughput: ``python -m bench.loader [--images N] [--repeats R]``.
+"""Loader throughput: ``python -m bench.loader [--images N] [--repeats R] [--seconds S]``.
 
-On the same images, in the same run, 2 workers each, batch 128, 224 crops, one epoch per measurement
-after a warm-up epoch (so the files are in the page cache for everyone):
+On the same images, in the same run, 2 workers each, batch 128, 224 crops, two warm-up epochs each (so the
+files are in the page cache for everyone), then rounds in which every loader runs whole epochs for at least
+``--seconds``; each figure is min / median / max over the rounds, each ratio taken within a round:
 - baseline A, the torchvision way written plainly: an ImageFolder of the 256×256 images as JPEG files, PIL
   decode, RandomCrop(224), flip, ToTensor, Normalize, through ``torch.utils.data.DataLoader``;
 - baseline B, the same over the full-size originals with RandomResizedCrop(224), what most people run;
 - ours: ``make_loader`` over the ``jpeg`` split and over the ``raw`` split, with both backends (2 worker
   processes writing into shared memory, the default; 2 threads in this process), and the decode-only
-  limit: 2 threads doing nothing but ``cv2.imdecode`` on the same records.
+  limit: 2 threads doing nothing but ``cv2.imdecode`` on the same records;
+- the price of ownership: the raw split through a pool that frees each slot as soon as it is yielded
+  (what the loader did before leases, unsafe), against the default.
 torchvision is not a dependency (and PyPI's build does not import beside the CPU torch here), so its
 transforms are written out with Pillow and torch, as torchvision implements them.
 """
@@ -26,7 +29,8 @@ import torch
 from PIL import Image
 
 from bench.corpus import make_corpus
-from datasets import LMDBDataset, make_loader
+from datasets import LMDBDataset, loader as loader_module, make_loader
+from datasets.worker_pool import ProcessPool
 from preprocess import image_ops
 from preprocess.build_lmdb import build
 
@@ -135,10 +139,55 @@ def prepare(work, n):
     return originals, small, splits
 
 
+class UnownedPool(ProcessPool):
+    """The pool without ownership, as it was before leases: a slot is free again the moment it is yielded,
+    so a worker may overwrite a batch the caller still reads. Unsafe; here only to price the leases."""
+
+    def _lease(self, slot, n):
+        self._release(slot)
+        return self.images[slot][:n]
+
+
+def unowned_loader(root):
+    loader = make_loader(root, batch_size=BATCH, train=True, workers=WORKERS, backend="processes")
+    original, loader_module.ProcessPool = loader_module.ProcessPool, UnownedPool
+    try:
+        epoch_speed(loader)  # starts its pool
+    finally:
+        loader_module.ProcessPool = original
+    return loader
+
+
+def timed(loader, seconds):
+    """Images/s over whole epochs, as many as take at least ``seconds``."""
+    t0, n, epoch = time.perf_counter(), 0, 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch := epoch + 1)
+        for _, labels in loader:
+            n += len(labels)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return n / elapsed
+
+
+def spread(values):
+    return f"{min(values):,.0f} / {statistics.median(values):,.0f} / {max(values):,.0f}"
+
+
+def ratio_spread(values):
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+BASE = "baseline A: ImageFolder 256x256 JPEG, PIL, DataLoader"
+LIMIT = "decode-only limit: cv2.imdecode, 2 threads"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; every figure is min / median / max over them")
+    p.add_argument("--seconds", type=float, default=4.0, help="least time per measurement (whole epochs)")
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "alexnet-bench-corpus"))
     args = p.parse_args(argv)
     originals, small, splits = prepare(args.dir, args.images)
@@ -149,40 +198,40 @@ def main(argv=None):
         return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS,
                                            drop_last=True, persistent_workers=True, worker_init_fn=_seed_worker)
 
+    def ours(enc, backend):
+        return make_loader(splits[enc], batch_size=BATCH, train=True, workers=WORKERS, backend=backend)
+
     candidates = {
-        "baseline A: ImageFolder 256x256 JPEG, PIL, DataLoader": dataloader(ImageFolderA(small)),
+        BASE: dataloader(ImageFolderA(small)),
         "baseline B: ImageFolder full-size JPEG, RandomResizedCrop": dataloader(ImageFolderB(originals)),
-        "ours, jpeg split, 2 processes": make_loader(splits["jpeg"], batch_size=BATCH, train=True, workers=WORKERS,
-                                                     backend="processes"),
-        "ours, jpeg split, 2 threads": make_loader(splits["jpeg"], batch_size=BATCH, train=True, workers=WORKERS,
-                                                   backend="threads"),
-        "ours, raw split, 2 processes": make_loader(splits["raw"], batch_size=BATCH, train=True, workers=WORKERS,
-                                                    backend="processes"),
-        "ours, raw split, 2 threads": make_loader(splits["raw"], batch_size=BATCH, train=True, workers=WORKERS,
-                                                  backend="threads"),
+        "ours, jpeg split, 2 processes": ours("jpeg", "processes"),
+        "ours, jpeg split, 2 threads": ours("jpeg", "threads"),
+        "ours, raw split, 2 processes": ours("raw", "processes"),
+        "ours, raw split, 2 threads": ours("raw", "threads"),
+        "raw split, 2 processes, without ownership (unsafe)": unowned_loader(splits["raw"]),
     }
-    speeds = {name: [] for name in candidates}
-    speeds["decode-only limit: cv2.imdecode, 2 threads"] = []
-    for name, loader in candidates.items():  # warm-up: page cache, worker start, first touch of the maps
+    speeds = {name: [] for name in [*candidates, LIMIT]}
+    for loader in candidates.values():  # warm-up: page cache, worker start, first touch of the maps
         for _ in range(2):
             epoch_speed(loader)
-    for epoch in range(args.repeats):
+    for _ in range(args.repeats):
         for name, loader in candidates.items():
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch + 1)
-            speeds[name].append(epoch_speed(loader))
-        speeds["decode-only limit: cv2.imdecode, 2 threads"].append(decode_only(jpeg_records))
-    med = {k: statistics.median(v) for k, v in speeds.items()}
-    base = med["baseline A: ImageFolder 256x256 JPEG, PIL, DataLoader"]
-    limit = med["decode-only limit: cv2.imdecode, 2 threads"]
-    print(f"{args.images} images, batch {BATCH}, {WORKERS} workers, {CROP} crops of 256; median of {args.repeats} epochs\n")
-    print("| loader | images/s | vs baseline A |\n|---|---|---|")
-    for name, v in med.items():
-        print(f"| {name} | {v:.0f} | {v / base:.2f}x |")
-    best_jpeg = max(med["ours, jpeg split, 2 threads"], med["ours, jpeg split, 2 processes"])
-    best_raw = max(med["ours, raw split, 2 threads"], med["ours, raw split, 2 processes"])
-    print(f"\njpeg: {best_jpeg / base:.2f}x baseline A (target >= 4x); raw: {best_raw / base:.2f}x (target >= 15x); "
-          f"decode-only limit / jpeg: {limit / best_jpeg:.2f}x (target <= 1.3x)")
+            speeds[name].append(timed(loader, args.seconds))
+        speeds[LIMIT].append(statistics.mean(decode_only(jpeg_records) for _ in range(3)))
+    vs_base = {k: [a / b for a, b in zip(v, speeds[BASE])] for k, v in speeds.items()}
+    print(f"{args.images} images, batch {BATCH}, {WORKERS} workers, {CROP} crops of 256; {args.repeats} rounds, "
+          f"each loader >= {args.seconds:g} s of whole epochs per round; min / median / max over the rounds\n")
+    print("| loader | images/s | vs baseline A, same round |\n|---|---|---|")
+    for name in speeds:
+        print(f"| {name} | {spread(speeds[name])} | {ratio_spread(vs_base[name])} |")
+    best = {enc: [max(a, b) for a, b in zip(speeds[f"ours, {enc} split, 2 threads"],
+                                           speeds[f"ours, {enc} split, 2 processes"])] for enc in ("jpeg", "raw")}
+    owned, unowned = speeds["ours, raw split, 2 processes"], speeds["raw split, 2 processes, without ownership (unsafe)"]
+    print(f"\njpeg: {ratio_spread([b / a for a, b in zip(speeds[BASE], best['jpeg'])])}x baseline A (target >= 4x); "
+          f"raw: {ratio_spread([b / a for a, b in zip(speeds[BASE], best['raw'])])}x (target >= 15x); "
+          f"decode-only limit / jpeg: {ratio_spread([a / b for a, b in zip(speeds[LIMIT], best['jpeg'])])}x "
+          f"(target <= 1.3x)")
+    print(f"ownership (leased slots), raw, 2 processes: with / without = {ratio_spread([a / b for a, b in zip(owned, unowned)])}")
 
 
 if __name__ == "__main__":

@@ -77,9 +77,23 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
+                   help="all: the CPU table, and the GPU's when present")
     args = p.parse_args(argv)
-    device = torch.device("cpu")
     torch.manual_seed(0)
+    if args.device in ("all", "cpu"):
+        cpu_table(args)
+    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
+        cuda = torch.device("cuda")
+        print(f"\nCUDA {torch.cuda.get_device_name()}: fwd+bwd+SGD, bf16 autocast, channels-last, compiled, "
+              f"{args.size}x{args.size}")
+        for batch in (128, 256):
+            ips = step_speed(AlexNet(), batch, args.size, 20, cuda, channels_last=True, compile=True, bf16=True)
+            print(f"| batch {batch} | {ips:.0f} images/s |")
+
+
+def cpu_table(args):
+    device = torch.device("cpu")
     macs = sum(r[3] for r in layer_table(AlexNet(), args.size))
     gemm = matmul_gflops(device)
     print(f"CPU, {torch.get_num_threads()} threads: float32 matmul {gemm:.0f} GFLOP/s; "
@@ -110,12 +124,6 @@ def main(argv=None):
           f"{1 - speed['paper network, channels-last, eager'] / speed['without LRN, channels-last, eager']:.1%}"
           + (f"; compiled: {1 - speed['paper network, contiguous, compiled'] / speed['without LRN, contiguous, compiled']:.1%}"
              if args.compile else "") + " (target < 10%)")
-    if torch.cuda.is_available():
-        cuda = torch.device("cuda")
-        print(f"\nCUDA {torch.cuda.get_device_name()}: fwd+bwd+SGD, bf16 autocast, channels-last, compiled")
-        for batch in (128, 256):
-            ips = step_speed(AlexNet(), batch, args.size, 20, cuda, channels_last=True, compile=True, bf16=True)
-            print(f"| batch {batch} | {ips:.0f} images/s |")
 
 
 if __name__ == "__main__":

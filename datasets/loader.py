@@ -278,8 +278,16 @@ class Loader:
                                      batch_shape=(self.batch_size, self.crop, self.crop, 3),
                                      registrar=CudaRegistrar() if self.pin else None)
             weakref.finalize(self, self._pool.close)
-        for images, labels in self._pool.run(self.epoch, start, num_batches):
-            yield torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+        run = self._pool.run(self.epoch, start, num_batches)
+        try:
+            for _ in range(start, num_batches):
+                yield _as_tensors(*next(run))  # no local keeps the batch (and its slot) once the caller drops it
+        finally:
+            run.close()
+
+
+def _as_tensors(images, labels):
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
 
 
 DEFAULT_BACKEND = "processes" if "fork" in multiprocessing.get_all_start_methods() else "threads"

@@ -193,6 +193,8 @@ class ProcessPool:
         sent, ready, nxt = {}, {}, start
         try:
             for k in range(start, stop):
+                if self.closed:
+                    raise RuntimeError("the loader was closed during this iteration")
                 if gen != self.generation:
                     raise RuntimeError("this iteration was ended by a newer iteration of this loader; "
                                        "iterate the newer one")
