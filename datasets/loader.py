@@ -173,9 +173,11 @@ class Loader:
             raise ValueError(f"order={order!r}: one of {', '.join(ORDERS)}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if copier is None and self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r}, but no CUDA device is present; use device=None for host batches")
             copier = CudaCopier(self.device)
         elif copier is None and self.device.type != "cpu":
-            raise ValueError(f"device={device!r}: 'cpu' or a CUDA device")
+            raise ValueError(f"device={device!r}: None, 'cpu' or a CUDA device")
         self.copier = copier
         self.dataset, self.batch_size, self.train, self.workers = dataset, batch_size, train, workers
         self.seed, self.crop, self.rank, self.world_size = seed, crop, rank, world_size

@@ -188,3 +188,30 @@ def test_copies_left_in_flight_by_an_abandoned_iteration_are_waited_for(coded_sp
     complete_all(copier)
     assert_same(first, expected[:2])
     assert_same(rest, expected)
+
+
+def test_a_device_that_is_not_there_is_refused(coded_split):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(ValueError, match="no CUDA device is present"):
+        make_loader(coded_split[0], batch_size=8, train=True, workers=0, device="cuda")
+    with pytest.raises(ValueError, match="None, 'cpu' or a CUDA device"):
+        make_loader(coded_split[0], batch_size=8, train=True, workers=0, device="meta")
+
+
+def test_the_position_counts_batches_handed_over_not_batches_read_ahead(coded_split):
+    root = coded_split[0]
+    copier = DeferredCopier()
+    loader = make_loader(root, batch_size=8, train=True, workers=2, crop=CROP, seed=7, copier=copier)
+    loader.set_epoch(1)
+    it = iter(loader)
+    head = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    assert state["position"] == 4, "the device stage reads ahead; the checkpoint must not skip those batches"
+    it.close()
+    resumed = make_loader(root, batch_size=8, train=True, workers=2, crop=CROP, seed=7, copier=copier)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    rest = list(resumed)
+    complete_all(copier)
+    assert_same(head + rest, reference(root, 1))
