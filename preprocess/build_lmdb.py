@@ -9,6 +9,8 @@ complete unless it is. Progress is committed every few seconds; ``--resume`` con
 build and yields the same records as an uninterrupted one.
 """
 import argparse
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -24,7 +26,7 @@ import msgpack
 import numpy as np
 from tqdm import tqdm
 
-from datasets import format as fmt
+from datasets import cli, format as fmt
 from preprocess import image_ops
 from preprocess.sources import FORMATS, MissingFile, SourceError, open_source
 from preprocess.stats import PixelStats
@@ -55,7 +57,7 @@ class Options:
 def to_record_image(data, opts):
     """One input (file bytes, an RGB array, or a MissingFile) -> the size×size BGR square."""
     if isinstance(data, MissingFile):
-        raise image_ops.SkipImage("missing file", str(data))
+        raise image_ops.SkipImage(*data.args)
     if isinstance(data, np.ndarray):
         bgr = cv2.cvtColor(data, cv2.COLOR_RGB2BGR)
     else:
@@ -209,6 +211,89 @@ def _truncate(tmp, progress):
         env.close()
 
 
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_apart(src, out, tmp):
+    """OUT (and OUT.partial) and SRC must not contain one another: a rebuild would delete its own input."""
+    rs, ro, rt = os.path.realpath(src), os.path.realpath(out), os.path.realpath(tmp)
+    if ro == rs:
+        raise BuildError(f"OUT {ro} is SRC {rs}: the build would replace its own input; choose an OUT elsewhere")
+    for o in (ro, rt):
+        if os.path.isdir(rs) and _inside(o, rs):
+            raise BuildError(f"OUT {ro} is inside SRC {rs}: choose an OUT outside the images")
+        if _inside(rs, o):
+            raise BuildError(f"SRC {rs} is inside OUT {ro}: a rebuild would delete it; choose another OUT")
+
+
+def _existing(path):
+    """What is at OUT now: None (nothing), 'empty' (an empty folder), 'split' (a packed split), or a phrase
+    saying why it is neither."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        return "exists and is not a folder"
+    if not os.listdir(path):
+        return "empty"
+    try:
+        fmt.read_meta(path)
+    except fmt.FormatError:
+        return "exists and is not a packed split (no meta.json of format alexnet-lmdb)"
+    return "split"
+
+
+def _write_error(tmp, exc):
+    """A BuildError for a failed write: 'no space left' when that is what happened, and how to go on."""
+    free = shutil.disk_usage(tmp).free if os.path.isdir(tmp) else None
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or (free is not None and
+                                                                                     free < (64 << 20)):
+        return BuildError(f"{tmp}: no space left on the device ({free} bytes free; {exc}); free some space, then "
+                          "run the same command with --resume")
+    return BuildError(f"{tmp}: writing failed ({exc}); fix the cause, then run the same command with --resume")
+
+
+class BuildLock:
+    """An exclusive lock on OUT.partial/.lock (``fcntl.lockf``: released when this process ends, kill -9
+    included, and not inherited by the build's worker processes), holding the owner's pid."""
+
+    NAME = ".lock"
+
+    def __init__(self, tmp, out):
+        self.tmp = tmp
+        os.makedirs(tmp, exist_ok=True)
+        self.path = os.path.join(tmp, self.NAME)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise BuildError(f"another build (pid {pid}) is writing {out}; wait for it to finish, or stop it "
+                             "first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def others(self):
+        """What OUT.partial holds besides the lock: an interrupted build, or nothing."""
+        return [n for n in os.listdir(self.tmp) if n != self.NAME]
+
+    def clear(self):
+        for name in self.others():
+            p = os.path.join(self.tmp, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+    def published(self, out):
+        """OUT.partial became OUT: drop the lock file from the split (the lock itself is held until release)."""
+        os.remove(os.path.join(out, self.NAME))
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -216,11 +301,12 @@ def default_workers():
 def build(src, out, *, format=None, root=None, split="train", h5_images="images", h5_labels="labels",
           size=256, encoding="jpeg", quality=90, shards=None, workers=None, seed=0, shuffle=True,
           exact=False, mean_image=False, classes_from=None, strict=False, max_pixels=178_956_970,
-          resume=False, overwrite=False, quiet=False, commit_every=2048, map_size=None):
+          resume=False, overwrite=False, quiet=False, commit_every=2048, map_size=None, allow_outside_root=False):
     """Build the split OUT from SRC; returns the summary (also printed unless ``quiet``)."""
     t0 = time.monotonic()
     out = os.path.abspath(out.rstrip("/"))
     tmp = out + ".partial"
+    _check_apart(src, out, tmp)
     if encoding not in fmt.ENCODINGS:
         raise BuildError(f"--encoding {encoding!r}: one of {', '.join(fmt.ENCODINGS)}")
     for name, value in (("--size", size), ("--shards", shards), ("--workers", workers),
@@ -229,11 +315,19 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
             raise BuildError(f"{name} {value}: must be at least 1")
     if not 1 <= quality <= 100:
         raise BuildError(f"--quality {quality}: must be in 1..100")
-    if os.path.exists(out) and not overwrite:
+    out_kind = _existing(out)
+    if out_kind == "split" and resume and not os.path.lexists(tmp):
+        meta = fmt.read_meta(out)
+        if not quiet:
+            print(f"{out} is complete ({meta['num_records']} records); nothing to resume", file=sys.stderr)
+        return {"out": out, "written": 0, "skipped": {}, "bytes": 0, "images_per_s": 0.0, "elapsed_s": 0.0}
+    if out_kind == "split" and not overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
-    if os.path.exists(tmp) and not (resume or overwrite):
-        raise BuildError(f"{tmp} holds an interrupted build; pass --resume to continue it, "
-                         "or --overwrite to start over")
+    if out_kind not in (None, "empty", "split"):
+        raise BuildError(f"{out} {out_kind}; --overwrite only ever replaces a packed split: choose another OUT, "
+                         "or move it away yourself")
+    if os.path.lexists(tmp) and not os.path.isdir(tmp):
+        raise BuildError(f"{tmp} exists and is not a folder; the build writes there: move it away")
     classes = None
     if classes_from is not None:
         try:
@@ -241,7 +335,9 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
         except fmt.FormatError as exc:
             raise BuildError(f"--classes-from: {exc}") from None
     source = open_source(src, fmt=format, root=root, split=split, h5_images=h5_images, h5_labels=h5_labels,
-                         classes=classes)
+                         classes=classes, allow_outside_root=allow_outside_root)
+    for w in source.warnings:  # even with --quiet: they are problems in the input
+        print(f"warning: {w['source']}: {w['reason']}", file=sys.stderr)
     n = len(source)
     opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
     est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
@@ -251,16 +347,34 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
               "shuffle": shuffle, "classes": source.classes}
     plan = {"params": params, "digest": source.digest(), "num_items": n}
 
+    lock = BuildLock(tmp, out)
+    try:
+        return _build_locked(source, src, out, tmp, lock, plan, opts, params, resume=resume, overwrite=overwrite,
+                             quiet=quiet, strict=strict, workers=workers, seed=seed, shuffle=shuffle, est=est,
+                             num_shards=num_shards, map_size=map_size, commit_every=commit_every, t0=t0)
+    finally:
+        lock.release()
+
+
+def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, overwrite, quiet, strict, workers,
+                  seed, shuffle, est, num_shards, map_size, commit_every, t0):
+    """The build proper, once this process holds OUT.partial's lock."""
+    n, size, mean_image, encoding = len(source), opts.size, opts.mean_image, opts.encoding
     progress = None
-    if resume and os.path.exists(tmp):
+    leftover = lock.others()
+    if leftover and not (resume or overwrite):
+        raise BuildError(f"{tmp} holds an interrupted build; pass --resume to continue it, "
+                         "or --overwrite to start over")
+    if leftover and resume:
         progress = _load_plan(tmp, plan)
     else:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        if leftover and not os.path.exists(os.path.join(tmp, PLAN_FILE)):
+            raise BuildError(f"{tmp} holds files that are not a build ({', '.join(sorted(leftover)[:3])}); "
+                             "--overwrite only discards an interrupted build: move it away yourself")
+        lock.clear()
         fmt.write_json_atomic(os.path.join(tmp, PLAN_FILE), plan)
     if progress is None:
-        progress = {"position": 0, "counts": [], "skipped": [], "shards": [],
+        progress = {"position": 0, "counts": [], "skipped": list(source.skipped), "shards": [],
                     "total": PixelStats((size, size, 3) if mean_image else None).to_dict(with_image=True)}
     else:
         _truncate(tmp, progress)
@@ -294,6 +408,8 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
             writer.add(s, len(idx), records, stats, strict)
             bar.update(len(idx))
         writer.close()
+    except (lmdb.Error, OSError) as exc:
+        raise _write_error(tmp, exc) from None
     finally:
         cv2.setNumThreads(cv_threads)
         bar.close()
@@ -311,6 +427,7 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
         "shards": [{"path": fmt.shard_name(s), "num_records": c, "stats": st.to_dict()}
                    for s, (c, st) in enumerate(zip(writer.counts, writer.shards))],
         "skipped": writer.skipped,
+        "warnings": source.warnings,
         "mean_image": fmt.MEAN_IMAGE_FILE if mean_image else None,
         "stats": writer.total.to_dict(),
         "build": {k: v for k, v in params.items() if k != "classes"} | {
@@ -327,10 +444,11 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
         os.remove(os.path.join(tmp, name))
     _fsync_dir(tmp)
     old = None
-    if os.path.exists(out):
+    if os.path.exists(out):  # a packed split or an empty folder (checked before the build)
         old = f"{out}.old-{os.getpid()}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    os.rename(tmp, out)  # the lock file goes along, still held: no second build can start on a half-moved OUT
+    lock.published(out)
     _fsync_dir(os.path.dirname(out))
     if old:
         shutil.rmtree(old)
@@ -355,7 +473,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m preprocess.build_lmdb", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="ImageFolder directory, list file, HDF5 file or CIFAR binary directory")
-    p.add_argument("out", help="output split directory (created; never overwritten without --overwrite)")
+    p.add_argument("out", help="output split directory (created; only a packed split is ever replaced, and only "
+                               "with --overwrite)")
     g = p.add_argument_group("source")
     g.add_argument("--format", choices=FORMATS, help="force the source format instead of detecting it")
     g.add_argument("--root", help="list files: directory the listed paths are relative to "
@@ -363,6 +482,8 @@ def parse_args(argv=None):
     g.add_argument("--split", choices=("train", "test"), default="train", help="CIFAR: which files to pack")
     g.add_argument("--h5-images", default="images", help="HDF5: the N×H×W×3 uint8 RGB dataset")
     g.add_argument("--h5-labels", default="labels", help="HDF5: the N integer labels dataset")
+    g.add_argument("--allow-outside-root", action="store_true", help="list files: accept paths that leave --root "
+                                                                    "(refused by default)")
     g.add_argument("--classes-from", metavar="OTHER_OUT", help="use the class list of an already packed split "
                                                              "(val takes train's label indices)")
     g = p.add_argument_group("images")
@@ -380,8 +501,10 @@ def parse_args(argv=None):
     g.add_argument("--mean-image", action="store_true", help="also store the per-pixel mean image")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, help="processes (default: all cores)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or discard OUT.partial)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT (a finished one: "
+                                                         "nothing to do)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing packed split OUT (or discard an "
+                                                            "interrupted build in OUT.partial)")
     g.add_argument("--commit-every", type=int, default=2048, help="records per LMDB transaction (at most "
                                                                    f"{COMMIT_SECONDS:g} s apart); what --resume may redo")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -393,9 +516,6 @@ def main(argv=None):
     src, out = args.pop("src"), args.pop("out")
     try:
         build(src, out, **args)
-    except (BuildError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
@@ -403,4 +523,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, (BuildError, SourceError, fmt.FormatError))

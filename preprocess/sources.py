@@ -3,10 +3,13 @@
 Every source has ``classes`` (names; index = label), ``len()``, ``label(i)``, ``name(i)`` (the record's
 ``source`` field: a relative path, or an input index for array sources), ``digest()`` (changes when the
 input list does) and ``load(indices)``, which yields, per index, the file's bytes or an RGB uint8 array.
-Sources are plain picklable objects; files are opened lazily in the process that reads them.
+``skipped`` lists inputs left out while listing (symlink loops), ``warnings`` what the user should know
+(a list naming one file twice). Sources are plain picklable objects; files are opened lazily in the process
+that reads them.
 """
 import hashlib
 import os
+import stat
 
 import numpy as np
 
@@ -20,7 +23,16 @@ class SourceError(ValueError):
 
 
 class MissingFile(OSError):
-    """A listed image file that cannot be read; the builder skips it like an undecodable image."""
+    """A listed image file that cannot be read, as (reason, detail); the builder skips it like an undecodable
+    image."""
+
+
+MAX_CLASSES_WITHOUT_LIST = 100_000  # labels without a class list name classes '0'..'K-1'; beyond this, a typo
+
+
+def _label_limit(n):
+    """The largest number of classes that ``n`` inputs without a class list may imply."""
+    return max(MAX_CLASSES_WITHOUT_LIST, 2 * n)
 
 
 def _digest(*parts):
@@ -33,8 +45,9 @@ def _digest(*parts):
 class FileSource:
     """Image files under ``root`` with integer labels (ImageFolder and list files)."""
 
-    def __init__(self, root, paths, labels, classes):
+    def __init__(self, root, paths, labels, classes, skipped=(), warnings=()):
         self.root, self.paths, self.labels, self.classes = root, paths, labels, classes
+        self.skipped, self.warnings = list(skipped), list(warnings)
 
     def __len__(self):
         return len(self.paths)
@@ -50,25 +63,75 @@ class FileSource:
 
     def load(self, indices):
         for i in indices:
+            path = os.path.join(self.root, self.paths[i])
             try:
-                with open(os.path.join(self.root, self.paths[i]), "rb") as f:
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):  # opening a FIFO would wait forever for a writer
+                    yield MissingFile("not a regular file", _kind(mode))
+                    continue
+                with open(path, "rb") as f:
                     yield f.read()
             except OSError as exc:
-                yield MissingFile(f"cannot read: {exc.strerror or exc}")
+                yield MissingFile("missing file", f"cannot read: {exc.strerror or exc}")
+
+
+def _kind(mode):
+    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _walk_once(top, rel_top, seen, skipped):
+    """Image files under ``top`` (following links), each real directory visited once: a link to a directory
+    already visited (a loop, the root, another class) is reported in ``skipped`` and not followed."""
+    found, stack = [], [(top, rel_top)]
+    while stack:
+        path, rel = stack.pop()
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append({"source": rel, "reason": f"cannot list: {exc.strerror or exc}"})
+            continue
+        subdirs = []
+        for e in entries:
+            child = os.path.join(rel, e.name)
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                st = os.stat(e.path)
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    skipped.append({"source": child, "reason": f"symlink to a folder already read ({seen[key]}): "
+                                                               "a loop, the root or another class; not followed"})
+                    continue
+                seen[key] = child
+                subdirs.append((e.path, child))
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((rel, e.name))
+        stack.extend(reversed(subdirs))
+    return [os.path.join(d, f) for d, f in sorted(found)]  # torchvision's order: by folder, then by name
 
 
 def image_folder(src, class_map=None):
     """torchvision's ImageFolder rules: classes are the sorted first-level folders, files found recursively
-    (any case of a common image extension), sorted. ``class_map`` maps names to another split's labels."""
+    (any case of a common image extension), sorted; links are followed, but each real folder is read once
+    (the root and the class folders first), so a loop or a link to another class packs nothing twice.
+    ``class_map`` maps names to another split's labels."""
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise SourceError(f"{src}: no class folders; an ImageFolder tree is SRC/CLASS/IMAGE")
-    paths, labels = [], []
+    root_st = os.stat(src)
+    seen = {(root_st.st_dev, root_st.st_ino): "SRC"}
+    for c in classes:
+        st = os.stat(os.path.join(src, c))
+        seen.setdefault((st.st_dev, st.st_ino), c)
+    paths, labels, skipped = [], [], []
     for own_label, c in enumerate(classes):
-        found = []
-        for dirpath, _, files in sorted(os.walk(os.path.join(src, c), followlinks=True)):
-            found += [os.path.relpath(os.path.join(dirpath, f), src) for f in sorted(files)
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = _walk_once(os.path.join(src, c), c, seen, skipped)
         if not found:
             raise SourceError(f"{os.path.join(src, c)}: class folder holds no image files "
                               f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
@@ -79,44 +142,85 @@ def image_folder(src, class_map=None):
         labels += [class_map[c] if class_map is not None else own_label] * len(found)
     if class_map is not None:
         classes = sorted(class_map, key=class_map.get)
-    return FileSource(src, paths, labels, classes)
+    return FileSource(src, paths, labels, classes, skipped=skipped)
 
 
-def _check_labels(labels, classes, where):
-    """Integer labels must index ``classes`` (or, without a class list, be >= 0: classes become '0'..'K-1')."""
+def _check_labels(labels, classes, where, line_of=None):
+    """Integer labels must index ``classes`` (or, without a class list, be >= 0 and few enough to name classes
+    '0'..'K-1': a label of 99999999999 is a typo, not 10^11 classes). ``line_of(i)`` names input i's line."""
     if len(labels) == 0:
         raise SourceError(f"{where}: no images")
+
+    def bad(i, what):
+        return SourceError(f"{line_of(i)}: label {labels[i]} {what}" if line_of else
+                           f"{where}: label {labels[i]} at input {i} {what}")
+
     lo, hi = int(np.min(labels)), int(np.max(labels))
     if lo < 0:
-        raise SourceError(f"{where}: negative label {lo} at input {int(np.argmin(labels))}")
+        raise bad(int(np.argmin(labels)), "is negative")
     if classes is None:
+        limit = _label_limit(len(labels))
+        if hi >= limit:
+            raise bad(int(np.argmax(labels)), f"is beyond what {len(labels)} inputs can use (at most {limit} "
+                                              "classes without a class list); fix it, or give the class list "
+                                              "with --classes-from")
         return [str(i) for i in range(hi + 1)]
     if hi >= len(classes):
-        raise SourceError(f"{where}: label {hi} at input {int(np.argmax(labels))} is out of range for "
-                          f"{len(classes)} classes")
+        raise bad(int(np.argmax(labels)), f"is out of range for {len(classes)} classes")
     return list(classes)
 
 
-def list_file(path, root=None, classes=None):
-    """Caffe ``convert_imageset`` lists: ``relative/path label`` per line (the path may hold spaces)."""
+def list_file(path, root=None, classes=None, allow_outside_root=False):
+    """Caffe ``convert_imageset`` lists: ``relative/path label`` per line (the path may hold spaces). A path
+    that leaves ``root`` is refused unless ``allow_outside_root``; a path listed twice is a warning."""
     root = root if root is not None else os.path.dirname(os.path.abspath(path))
-    paths, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise SourceError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
-            label = int(parts[1])
-            if label < 0 or (classes is not None and label >= len(classes)):
-                raise SourceError(f"{path}:{n}: label {label} is out of range "
-                                  f"[0, {len(classes) if classes is not None else 'inf'})")
-            paths.append(parts[0].strip())
-            labels.append(label)
-    classes = _check_labels(labels, classes, path)
-    return FileSource(root, paths, labels, classes)
+    real_root = os.path.realpath(root)
+    paths, labels, lines, first = [], [], [], {}
+    warnings = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: not a text list file ({_what_binary(path)}); SRC is an ImageFolder directory, "
+                          "a list file of 'relative/path label' lines, an HDF5 file or a CIFAR binary directory"
+                          ) from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise SourceError(f"{path}:{n}: expected 'relative/path label', got {line[:200]!r}")
+        label, rel = int(parts[1]), parts[0].strip()
+        if label < 0 or (classes is not None and label >= len(classes)):
+            raise SourceError(f"{path}:{n}: label {label} is out of range "
+                              f"[0, {len(classes) if classes is not None else 'inf'})")
+        real = os.path.realpath(os.path.join(root, rel))
+        if not allow_outside_root and os.path.commonpath([real, real_root]) != real_root:
+            raise SourceError(f"{path}:{n}: {rel!r} is outside --root {root}; fix the path, or pass "
+                              "--allow-outside-root if you mean it")
+        if rel in first:
+            k = first[rel]
+            warnings.append({"source": rel, "reason": f"listed twice, lines {lines[k]} and {n}, with labels "
+                                                      f"{labels[k]} and {label}; both are packed"})
+        else:
+            first[rel] = len(paths)
+        paths.append(rel)
+        labels.append(label)
+        lines.append(n)
+    classes = _check_labels(labels, classes, path, line_of=lambda i: f"{path}:{lines[i]}")
+    return FileSource(root, paths, labels, classes, warnings=warnings)
+
+
+def _what_binary(path):
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:3] == b"\xff\xd8\xff":
+        return "a JPEG image"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "a PNG image"
+    if head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
+        return "a tar or gzip archive: unpack it first"
+    return "binary data"
 
 
 class HDF5Source:
@@ -126,7 +230,11 @@ class HDF5Source:
         import h5py
         self.path, self.images_key = path, images
         self._file = None
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot be read as HDF5 ({exc}); is the file complete?") from None
+        with f:
             for key in (images, labels):
                 if key not in f or not isinstance(f[key], h5py.Dataset):
                     raise SourceError(f"{path}: no dataset {key!r} (datasets: {', '.join(sorted(f.keys()))}); "
@@ -140,9 +248,12 @@ class HDF5Source:
                 raise SourceError(f"{path}: dataset {labels!r} is {lab.dtype} {list(lab.shape)}, "
                                   f"expected {ds.shape[0]} integer labels")
             self.labels = lab[()].astype(np.int64)
+            if 0 in ds.shape[1:3]:
+                raise SourceError(f"{path}: dataset {images!r} is {list(ds.shape)}: images of size zero")
             if classes is None and "classes" in f:
                 classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
         self.classes = _check_labels(self.labels, classes, f"{path}:{labels}")
+        self.skipped, self.warnings = [], []
 
     def __len__(self):
         return len(self.labels)
@@ -202,6 +313,7 @@ class CifarSource:
             with open(names_path, encoding="utf-8") as f:
                 classes = [ln.strip() for ln in f if ln.strip()]
         self.classes = _check_labels(self.labels, classes, src)
+        self.skipped, self.warnings = [], []
 
     def _records(self, k):
         return np.memmap(self.files[k], np.uint8, "r").reshape(-1, self.record)
@@ -238,7 +350,7 @@ def detect(src):
 
 
 def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", h5_labels="labels",
-                classes=None):
+                classes=None, allow_outside_root=False):
     """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space."""
     if not os.path.exists(src):
         raise SourceError(f"{src}: no such file or directory")
@@ -248,7 +360,7 @@ def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", 
             raise SourceError(f"{src}: --format imagefolder needs a directory")
         return image_folder(src, None if classes is None else {c: i for i, c in enumerate(classes)})
     if fmt == "list":
-        return list_file(src, root, classes)
+        return list_file(src, root, classes, allow_outside_root)
     if fmt == "hdf5":
         return HDF5Source(src, h5_images, h5_labels, classes)
     if fmt == "cifar":
