@@ -9,7 +9,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 
 import torch
@@ -18,7 +17,7 @@ from alexnet import config, evaluation
 from alexnet.checkpoint import CheckpointError
 from alexnet.evaluation import EvaluationError
 from alexnet.run import RunError, open_split, pick_device
-from datasets import format as fmt, make_loader
+from datasets import cli, format as fmt, make_loader
 
 
 def report(name, probs, labels, classes, *, crops, models, images_per_s, per_class_csv, as_json):
@@ -94,8 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (config.ConfigError, RunError, CheckpointError, EvaluationError, fmt.FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, (config.ConfigError, RunError, CheckpointError, EvaluationError, fmt.FormatError))

@@ -15,7 +15,7 @@ import torch
 
 from alexnet import checkpoint, config, distributed, engine, run
 from alexnet.checkpoint import CheckpointError
-from datasets import format as fmt
+from datasets import cli, format as fmt
 
 
 def main(argv=None):
@@ -129,8 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (config.ConfigError, run.RunError, CheckpointError, fmt.FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, (config.ConfigError, run.RunError, CheckpointError, fmt.FormatError))

@@ -5,21 +5,21 @@ the paper's unit); and the learning rate (log scale), each against the epoch.
 """
 import argparse
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from alexnet.run import read_log  # noqa: E402
+from alexnet.run import RunError, read_log  # noqa: E402
+from datasets import cli  # noqa: E402
 from datasets.format import atomic_path  # noqa: E402
 
 
 def plot(out_dir, out=None):
     rows = read_log(out_dir)
     if not rows:
-        raise ValueError(f"{out_dir}/metrics.jsonl has no epochs yet")
+        raise RunError(f"{out_dir}/metrics.jsonl has no epochs yet; plot after the first epoch")
     out = out or os.path.join(out_dir, "curves.png")
     epoch = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_err, ax_lr) = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
@@ -53,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, (RunError,))

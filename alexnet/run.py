@@ -95,6 +95,7 @@ class RunLog:
             self.tb = None
 
     def write(self, row):
+        _drop_torn_line(self.path)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -104,6 +105,32 @@ class RunLog:
             self.tb.flush()
 
 
+def _drop_torn_line(path):
+    """A run killed while appending leaves a last line without its newline: cut it, so the next row starts clean."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
 def read_log(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of OUT/metrics.jsonl; a torn last line (a run killed mid-write) is left out."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: missing; is {out_dir} a run folder written by train.py?")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise RunError(f"{path}:{n}: not a JSON row; the log is damaged (fix or remove that line)") from None
+    return rows

@@ -4,12 +4,12 @@ Each layer's output shape, parameters and multiply-adds (a multiply-add per weig
 costs out_h·out_w·out_c·(in_c/groups)·k·k, a linear layer in·out), and the totals.
 """
 import argparse
-import sys
 
 import torch
 from torch import nn
 
 from alexnet.model import AlexNet
+from datasets import cli
 
 
 def layer_table(model, image_size):
@@ -59,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, (ValueError,))

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REQUIRED = ["numpy", "torch", "lmdb", "msgpack", "zlib_ng", "cv2", "h5py", "yaml", "tqdm", "PIL"]

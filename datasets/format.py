@@ -209,7 +209,48 @@ def read_meta(root):
     missing = [k for k in META_FIELDS if k not in meta]
     if missing:
         raise FormatError(f"{path}: missing field(s) {', '.join(missing)}")
+    _check_meta(meta, path)
     return meta
+
+
+def _numbers(value, shape):
+    """True when ``value`` is a nested list of finite numbers of this shape."""
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return a.shape == shape and bool(np.isfinite(a).all())
+
+
+def _check_meta(meta, path):
+    """The fields a reader relies on, each named when wrong: a split from a stranger is checked, not trusted."""
+    def bad(field, what):
+        return FormatError(f"{path}: field {field} {what}; the file is damaged or not written by "
+                           "preprocess.build_lmdb: rebuild the split")
+
+    if not isinstance(meta["size"], int) or isinstance(meta["size"], bool) or meta["size"] < 1:
+        raise bad("size", f"is {meta['size']!r}, expected a positive integer")
+    if meta["encoding"] not in ENCODINGS:
+        raise bad("encoding", f"is {meta['encoding']!r}, expected one of {', '.join(ENCODINGS)}")
+    if not isinstance(meta["classes"], list) or not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
+        raise bad("classes", "is not a non-empty list of names")
+    for field, shape in (("mean_rgb", (3,)), ("std_rgb", (3,)), ("pca_eigval", (3,)), ("pca_eigvec", (3, 3))):
+        if not _numbers(meta[field], shape):
+            raise bad(field, f"is {str(meta[field])[:80]}, expected {'×'.join(map(str, shape))} finite numbers")
+    shards = meta["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise bad("shards", "is not a non-empty list")
+    for k, shard in enumerate(shards):
+        sp = shard.get("path") if isinstance(shard, dict) else None
+        if not isinstance(sp, str) or not sp or os.path.isabs(sp) or ".." in sp.replace("\\", "/").split("/"):
+            raise bad(f"shards[{k}].path", f"is {sp!r}: a shard path must be relative and stay inside the split")
+        n = shard.get("num_records")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise bad(f"shards[{k}].num_records", f"is {n!r}, expected a count")
+    total = sum(s["num_records"] for s in shards)
+    if meta["num_records"] != total:
+        raise FormatError(f"{path}: num_records {meta['num_records']!r}, but its shards list {total} records; "
+                          "the file is damaged: rebuild the split")
 
 
 def read_mean_image(root, meta):
@@ -226,5 +267,22 @@ def open_shard(path, *, write=False, map_size=1 << 30, readahead=False):
         return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=0, sync=True, metasync=True)
     if not os.path.isdir(path):
         raise FormatError(f"{path}: shard directory is missing")
-    return lmdb.open(path, readonly=True, lock=False, readahead=readahead, subdir=True, max_dbs=0,
-                     max_readers=2048)
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=readahead, subdir=True, max_dbs=0,
+                        max_readers=2048)
+    except lmdb.Error as exc:
+        text = str(exc)
+        if "Too many open files" in text:
+            raise FormatError(f"{path}: too many open files (every shard of a split stays open while it is read); "
+                              "raise the limit, e.g. ulimit -n 65536") from None
+        if "Permission denied" in text:
+            raise FormatError(f"{path}: permission denied; make the shard readable") from None
+        raise FormatError(f"{path}: not a readable LMDB shard ({exc}); restore it or rebuild the split") from None
+    # A data.mdb shorter than its last page would kill the reader with SIGBUS on the first read past its end.
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(os.path.join(path, "data.mdb"))
+    if have < need:
+        env.close()
+        raise FormatError(f"{path}/data.mdb: {have} bytes, but its LMDB pages need {need}: the file is truncated "
+                          "(a copy that did not finish, a full disk); restore the shard or rebuild the split")
+    return env

@@ -9,6 +9,7 @@ started with ``spawn`` or ``forkserver`` reopen too.
 import os
 import threading
 
+import lmdb
 import numpy as np
 
 from datasets import format as fmt
@@ -89,8 +90,12 @@ class LMDBDataset:
             with env.begin(buffers=True) as txn:
                 for pos in np.flatnonzero(shards == s):
                     i = int(indices[pos])
-                    value = txn.get(fmt.encode_key(i))
                     where = f"{self.paths[s]} record {i}"
+                    try:
+                        value = txn.get(fmt.encode_key(i))
+                    except lmdb.Error as exc:
+                        raise fmt.FormatError(f"{where}: LMDB reports '{exc}': the shard is damaged; restore it or "
+                                              "rebuild the split") from None
                     if value is None:
                         raise fmt.FormatError(f"{where}: missing from its shard; the split is damaged, rebuild it")
                     try:
@@ -108,7 +113,20 @@ class LMDBDataset:
         self.visit(indices, lambda pos, i, rec: out.__setitem__(pos, rec), copy=True)
         return out
 
+    def check_record(self, rec, index):
+        """The record's shape is the split's and its label one of its classes (as preprocess.verify checks)."""
+        size, n = self.meta["size"], len(self.classes)
+        if rec["shape"] != [size, size, 3]:
+            raise fmt.FormatError(f"{self.where(index)} (source {rec['source']!r}): shape {rec['shape']}, but "
+                                  f"meta.json says size {size}; the split is damaged: run python -m preprocess.verify "
+                                  f"{self.root}, then rebuild it")
+        if not (isinstance(rec["label"], int) and 0 <= rec["label"] < n):
+            raise fmt.FormatError(f"{self.where(index)} (source {rec['source']!r}): label {rec['label']!r} out of "
+                                  f"range for the split's {n} classes; run python -m preprocess.verify {self.root}, "
+                                  "then rebuild it")
+
     def decode(self, rec, index):
+        self.check_record(rec, index)
         return fmt.decode_image(rec, self.encoding, where=self.where(index))
 
     def __getitem__(self, index):

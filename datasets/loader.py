@@ -98,8 +98,12 @@ def fill_batch(dataset, indices, out, tops, lefts, flips):
     crop = out.shape[1]
     raw = dataset.encoding == "raw"
     labels = np.empty(len(indices), np.int64)
+    shape = [dataset.meta["size"], dataset.meta["size"], 3]
+    num_classes = len(dataset.classes)
 
     def put(b, i, rec):
+        if rec["shape"] != shape or not 0 <= rec["label"] < num_classes:
+            dataset.check_record(rec, i)  # raises, naming the record
         if raw:
             image = np.frombuffer(rec["image"], np.uint8)
             if image.size != int(np.prod(rec["shape"])):
@@ -165,6 +169,9 @@ class Loader:
         size = dataset.meta["size"]
         if not 0 < crop <= size:
             raise ValueError(f"crop {crop} must be in 1..{size} (the split's size)")
+        for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0), ("prefetch", prefetch, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         if backend not in BACKENDS:

@@ -5,12 +5,12 @@ paper's PCA colour shift, labelled with its class name, so a person can check th
 ``--pca-std`` exaggerates the shift to make its direction visible (the paper's is 0.1).
 """
 import argparse
-import sys
 
 import cv2
 import numpy as np
 import torch
 
+from datasets import cli
 from datasets.format import atomic_path
 from datasets.loader import make_loader
 from datasets.transforms import pca_lighting
@@ -58,6 +58,9 @@ def main(argv=None):
     p.add_argument("--pca-std", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for name in ("count", "columns"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be at least 1")
     preview(args.root, args.out, count=args.count, columns=args.columns, crop=args.crop, pca_std=args.pca_std,
             seed=args.seed)
     print(f"wrote {args.out}")
@@ -65,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, (ValueError,))

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from datasets import cli
+
 CLASSES = ("checks", "circle", "cross", "diamond", "hstripes", "ring", "square", "star", "triangle", "vstripes")
 
 
@@ -183,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -10,10 +10,11 @@ import os
 import sys
 
 import cv2
+import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from datasets import format as fmt
+from datasets import cli, format as fmt
 from preprocess.stats import PixelStats
 
 # The statistics are of the pixels before encoding. JPEG keeps a channel mean within a fraction of a
@@ -53,6 +54,20 @@ def _compare_stats(meta, stats, lossless, where):
     return diff, rel
 
 
+def _records(txn, path, start):
+    """The shard's (key, value) pairs; a damaged LMDB page becomes an error naming the shard and record."""
+    cursor, index = txn.cursor(), start
+    try:
+        more = cursor.first()
+        while more:
+            yield cursor.key(), cursor.value()
+            index += 1
+            more = cursor.next()
+    except lmdb.Error as exc:
+        raise VerifyError(f"{path}: LMDB reports '{exc}' reading record {index}: the shard is damaged; restore "
+                          "it from a copy or rebuild the split") from None
+
+
 def verify(root, *, quiet=False):
     """Raises VerifyError (or FormatError) at the first problem; returns the records checked and how far
     the recomputed statistics are from meta.json's."""
@@ -62,9 +77,7 @@ def verify(root, *, quiet=False):
     image_shape = (size, size, 3)
     mean_image = fmt.read_mean_image(root, meta)
     stats = PixelStats(image_shape if mean_image is not None else None)
-    total = sum(s["num_records"] for s in meta["shards"])
-    if total != meta["num_records"]:
-        raise VerifyError(f"{root}/meta.json: num_records {meta['num_records']}, shards add up to {total}")
+    total = meta["num_records"]  # read_meta checked that the shards add up to it
     index = 0
     with tqdm(total=total, unit="rec", disable=quiet, file=sys.stderr) as bar:
         for shard in meta["shards"]:
@@ -75,7 +88,7 @@ def verify(root, *, quiet=False):
                 if entries != shard["num_records"]:
                     raise VerifyError(f"{path}: {entries} records, meta.json says {shard['num_records']}")
                 with env.begin() as txn:
-                    for key, value in txn.cursor():
+                    for key, value in _records(txn, path, index):
                         where = f"{shard['path']} record {index}"
                         if fmt.decode_key(key) != index:
                             raise VerifyError(f"{where}: key is {fmt.decode_key(key)}, expected {index}")
@@ -109,8 +122,8 @@ def main(argv=None):
     try:
         result = verify(args.root, quiet=args.quiet)
     except (VerifyError, fmt.FormatError) as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+        print(f"FAILED: {' '.join(str(exc).split())}", file=sys.stderr)
+        return cli.EXPLAINED_EXIT
     if not args.quiet:
         print(f"{args.root}: OK, {result['records']} records; statistics recomputed from them differ from "
               f"meta.json by {result['mean_diff']:.3g} (mean, 0-255) and {result['cov_rel_diff']:.2%} (covariance)")
@@ -118,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

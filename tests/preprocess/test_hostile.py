@@ -1,7 +1,6 @@
 """The builder under hostile input: it never deletes what is not its own, never publishes a torn split, never packs
 an image twice or under another class's label, never hangs or eats the machine, and explains what it refuses."""
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from preprocess.build_lmdb import BuildError, build
+from preprocess.build_lmdb import build
 from preprocess.sources import SourceError, open_source
 from tests.conftest import ROOT, run_cli, write_image_folder
 from tests.preprocess.test_build import read_plain
