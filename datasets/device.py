@@ -52,7 +52,9 @@ class CudaCopier(Copier):
 
 def to_device(batches, copier, *, ahead=2, in_flight=2):
     """Device batches from host ``batches``: copies issued ``ahead`` batches early; at most ``in_flight``
-    yielded batches whose copies are not yet known complete (the oldest is waited for beyond that)."""
+    yielded batches whose copies are not yet known complete (the oldest is waited for beyond that). A host
+    batch is dropped only after its copy's event has completed. An error of the host iteration comes after
+    the batches read before it, as without this stage."""
     issued = collections.deque()  # (host images, host labels, device images, device labels, event), not yet yielded
     unconfirmed = collections.deque()  # (host images, host labels, event), yielded, copy maybe still running
 
@@ -60,7 +62,8 @@ def to_device(batches, copier, *, ahead=2, in_flight=2):
         while unconfirmed and unconfirmed[0][2].query():
             unconfirmed.popleft()
         while len(unconfirmed) > in_flight:
-            unconfirmed.popleft()[2].synchronize()
+            unconfirmed[0][2].synchronize()  # wait while the entry still holds the host batch, then drop it
+            unconfirmed.popleft()
 
     def hand_over(entry):
         images, labels, d_images, d_labels, event = entry
@@ -69,12 +72,17 @@ def to_device(batches, copier, *, ahead=2, in_flight=2):
         return d_images, d_labels
 
     try:
-        for images, labels in batches:
-            reap()
-            issued.append((images, labels, *copier.copy(images, labels)))
-            del images, labels
-            if len(issued) > ahead:
+        try:
+            for images, labels in batches:
+                reap()
+                issued.append((images, labels, *copier.copy(images, labels)))
+                del images, labels
+                if len(issued) > ahead:
+                    yield hand_over(issued.popleft())
+        except Exception:
+            while issued:  # the batches before the failing one first
                 yield hand_over(issued.popleft())
+            raise
         while issued:
             yield hand_over(issued.popleft())
             reap()

@@ -193,6 +193,7 @@ class Loader:
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         self._pool = None
+        self._sources, self._closes = weakref.WeakSet(), 0  # live iterations, for close()
 
     @property
     def meta(self):
@@ -236,16 +237,24 @@ class Loader:
         source = self._threads(batches, start) if self.backend == "threads" else self._processes(len(batches), start)
         if self.copier is not None:
             source = to_device(source, self.copier)
+        self._sources.add(source)
+        closes = self._closes
         try:
             for k, batch in enumerate(source, start):
                 self.position = k + 1  # batches handed to the caller, whatever was read ahead
                 yield batch
         finally:
             source.close()
+        if closes != self._closes:
+            raise RuntimeError("the loader was closed during this iteration")
         self.position = 0  # a finished epoch iterates again from its start
 
     def close(self):
-        """Stop the workers and give back their memory; iterating again starts new ones. Safe to repeat."""
+        """End any iteration in progress (its copies in flight are waited for), stop the workers and give back
+        their memory; iterating again starts new ones. Safe to repeat."""
+        self._closes += 1
+        for source in list(self._sources):
+            source.close()
         if isinstance(self._pool, ProcessPool):
             self._pool.close()
         elif self._pool is not None:
@@ -276,7 +285,8 @@ class Loader:
         if self.workers == 0:
             yield from self._threads(self._batches(), start)
             return
-        if self._pool is None:  # what workers need, without a reference to this loader (so it can be freed)
+        if self._pool is None or self._pool.closed:  # none yet, or closed by a worker's death
+            # what workers need, without a reference to this loader (so it can be freed)
             make_batches = functools.partial(
                 _epoch_batches, self.dataset, dict(batch_size=self.batch_size, train=self.train, seed=self.seed,
                                                    rank=self.rank, world_size=self.world_size, order=self.order),

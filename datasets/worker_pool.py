@@ -55,6 +55,7 @@ def _worker_error(typename, message, record, tb, pid):
         message = f"{record}: {message}"
     cls = _ERRORS.get(typename)
     exc = cls(message) if cls is not None else RuntimeError(f"{typename}: {message}")
+    exc.record = record
     exc.__cause__ = RemoteTraceback(f"\n\nin loader worker (pid {pid}):\n{tb}")
     return exc
 
@@ -117,6 +118,7 @@ class ProcessPool:
         self.labels = [np.frombuffer(mmap.mmap(-1, 8 * batch_shape[0]), np.int64) for _ in range(slots)]
         self._free = collections.deque(range(slots))  # appended to by finalizers, from any thread
         self._in_flight = {}  # slot -> generation of the task writing it
+        self._leased = set()  # slots the caller holds
         self._lock = threading.Lock()
         self.generation = 0
         ctx = multiprocessing.get_context("fork")
@@ -132,34 +134,46 @@ class ProcessPool:
                 p.start()
         finally:
             cv2.setNumThreads(cv_threads)
-        self._registrar, self._registered = registrar, []
-        self.pinned = registrar is not None and self._pin()
+        self._registrar, self._registered = registrar, {}
         self.closed = False
+        self.pinned = registrar is not None and self._pin()
 
     def _pin(self):
         """Page-lock every slot (after the fork: only this process's view), or none of them."""
-        for a in self.images:
-            if self._registrar.register(a.ctypes.data, a.nbytes) != 0:
+        for slot, a in enumerate(self.images):
+            try:
+                ok = self._registrar.register(a.ctypes.data, a.nbytes) == 0
+            except Exception:  # a binding that raises instead of returning the error code
+                ok = False
+            if not ok:
                 self._registrar.clear_error()
-                self._unpin()
+                for s in list(self._registered):
+                    self._unpin(s)
                 warnings.warn("could not page-lock the loader's batch buffers; host-to-GPU copies will be "
                               "synchronous", RuntimeWarning)
                 return False
-            self._registered.append(a.ctypes.data)
+            self._registered[slot] = a.ctypes.data
         return True
 
-    def _unpin(self):
-        while self._registered:
-            self._registrar.unregister(self._registered.pop())
+    def _unpin(self, slot):
+        ptr = self._registered.pop(slot, None)
+        if ptr is not None:
+            self._registrar.unregister(ptr)
 
     def free_slots(self):
         return len(self._free)
 
     def _release(self, slot):
+        self._leased.discard(slot)
+        if self.closed:  # a batch held across close(): its page-locking ends with it
+            if self._registrar is not None:
+                self._unpin(slot)
+            return
         self._free.append(slot)
 
     def _lease(self, slot, n):
         """A view of slot ``slot`` whose death (the caller's last reference) frees the slot."""
+        self._leased.add(slot)
         view = self.images[slot][:n]
         finalizer = weakref.finalize(view, self._release, slot)
         finalizer.atexit = False
@@ -174,7 +188,7 @@ class ProcessPool:
                 for p in self.procs:
                     if not p.is_alive():
                         code = p.exitcode
-                        self.close()
+                        self.close(timeout=0)  # the others may wait on a queue lock the dead one held
                         raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with code {code}"
                                            ) from None
                 continue
@@ -212,12 +226,15 @@ class ProcessPool:
                     if r_gen != gen:
                         self._release(slot)  # left over from an abandoned iteration
                         continue
-                    if error is not None:
-                        self._release(slot)
-                        raise _worker_error(*error)
-                    ready[r_k] = (slot, n)
                     sent.pop(r_k)
+                    if error is not None:  # raised in its turn, after the batches before it
+                        self._release(slot)
+                        ready[r_k] = (None, error)
+                    else:
+                        ready[r_k] = (slot, n)
                 slot, n = ready.pop(k)
+                if slot is None:
+                    raise _worker_error(*n)
                 labels = self.labels[slot][:n].copy()
                 if not self._free and not self._in_flight and not ready:
                     # the caller holds every other slot: copy out, so that this one can build the next batch
@@ -228,7 +245,8 @@ class ProcessPool:
                     yield self._lease(slot, n), labels
         finally:
             for slot, _ in ready.values():
-                self._release(slot)
+                if slot is not None:
+                    self._release(slot)
 
     def _reclaim(self):
         """Wait until a slot is free: a task of an abandoned iteration reports back, or a batch the caller
@@ -242,22 +260,24 @@ class ProcessPool:
             raise RuntimeError("no batch buffer is free and none is being written: the loader's buffers are all "
                                "held by the caller")
 
-    def close(self):
-        """Stop the workers, unregister and unmap the slots (those the caller still holds stay mapped until
-        dropped). Safe to call twice."""
+    def close(self, timeout=5.0):
+        """Stop the workers (killed after ``timeout`` s), unregister and unmap the slots; a slot the caller
+        still holds stays registered and mapped until it is dropped. Safe to call twice."""
         if getattr(self, "closed", True):
             return
         self.closed = True
         for _ in self.procs:
             self.tasks.put(None)
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=timeout)
             if p.is_alive():
                 p.kill()
                 p.join()
         self.procs = []
         if self._registrar is not None:
-            self._unpin()
+            for slot in list(self._registered):
+                if slot not in self._leased:
+                    self._unpin(slot)
         self.tasks.close()
         self.results.close()
         self.images = self.labels = []

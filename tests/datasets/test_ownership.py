@@ -215,3 +215,70 @@ def test_the_position_counts_batches_handed_over_not_batches_read_ahead(coded_sp
     rest = list(resumed)
     complete_all(copier)
     assert_same(head + rest, reference(root, 1))
+
+
+class AddressCopier(DeferredCopier):
+    """A "DMA" that keeps only the host address, as cudaMemcpyAsync does, and checks at completion that the slot
+    it reads is neither free for a worker to refill nor unregistered."""
+
+    def __init__(self, loader):
+        super().__init__()
+        self.loader, self.violations = loader, []
+
+    def copy(self, images, labels):
+        ptr, out_x = images.data_ptr(), torch.empty_like(images)
+
+        def run():
+            pool = self.loader._pool
+            slot = next(s for s, a in enumerate(pool.images) if a.ctypes.data == ptr)
+            if slot in pool._free:
+                self.violations.append(f"slot {slot} was free while its copy ran")
+            if pool._registrar is not None and slot not in pool._registered:
+                self.violations.append(f"slot {slot} was unregistered while its copy ran")
+
+        event = HeldEvent(run)
+        self.events.append(event)
+        return out_x, labels.clone(), event
+
+
+def test_a_slot_goes_back_only_after_the_wait_for_its_copy_returns(coded_split):
+    loader = make_loader(coded_split[0], batch_size=8, train=True, workers=2, prefetch=1, crop=CROP, seed=7)
+    loader.copier = copier = AddressCopier(loader)
+    for _ in range(2):
+        for _ in loader:
+            gc.collect()
+    assert not copier.violations, copier.violations[:3]
+
+
+def test_close_mid_iteration_waits_for_the_copies_before_unregistering(coded_split, monkeypatch):
+    import datasets.loader as loader_module
+
+    class Registrar:
+        def __init__(self):
+            self.registered = set()
+
+        def register(self, ptr, nbytes):
+            self.registered.add(ptr)
+            return 0
+
+        def unregister(self, ptr):
+            self.registered.remove(ptr)
+            return 0
+
+        def clear_error(self):
+            pass
+
+    monkeypatch.setattr(loader_module, "CudaRegistrar", Registrar)
+    loader = make_loader(coded_split[0], batch_size=8, train=True, workers=2, crop=CROP, seed=7, device="cuda:0",
+                         copier=DeferredCopier())
+    loader.copier = copier = AddressCopier(loader)
+    it = iter(loader)
+    next(it)
+    next(it)
+    pool = loader._pool
+    loader.close()
+    assert not copier.violations, copier.violations
+    assert all(e.done for e in copier.events)
+    assert not pool._registrar.registered - {pool.images[s].ctypes.data for s in pool._leased}
+    with pytest.raises(RuntimeError, match="closed during this iteration"):
+        next(it)

@@ -178,3 +178,59 @@ def test_sequential_order_opens_the_shards_with_readahead(tmp_path, coded_split)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "[True]"]
+
+
+def _flip_record(split, tmp_path, index):
+    import shutil
+
+    import lmdb
+    import msgpack
+    root = tmp_path / "split"
+    shutil.copytree(split, root)
+    meta = __import__("json").loads((root / "meta.json").read_text())
+    offset = 0
+    for shard in meta["shards"]:
+        if index < offset + shard["num_records"]:
+            env = lmdb.open(str(root / shard["path"]), map_size=1 << 26)
+            with env.begin(write=True) as txn:
+                key = index.to_bytes(8, "big")
+                rec = msgpack.unpackb(txn.get(key))
+                rec["crc32"] ^= 1
+                txn.put(key, msgpack.packb(rec))
+            env.close()
+            return root
+        offset += shard["num_records"]
+
+
+@pytest.mark.parametrize("device_stage", [False, True])
+def test_an_error_comes_after_the_batches_before_it(coded_split, tmp_path, device_stage):
+    """Batch 5 holds a corrupt record: batches 0-4 arrive first, on every backend, with or without the device
+    stage (which reads ahead), and the position says 5."""
+    from tests.datasets.test_ownership import DeferredCopier
+    from datasets import format as fmt
+    root = _flip_record(coded_split[0], tmp_path, 42)
+    for run in range(4):
+        for backend, workers in (("processes", 3), ("threads", 3), ("processes", 0)):
+            loader = make_loader(root, batch_size=8, train=False, workers=workers, crop=8, backend=backend,
+                                 copier=DeferredCopier() if device_stage else None)
+            got = []
+            with pytest.raises(fmt.FormatError, match="record 42"):
+                for batch in loader:
+                    got.append(batch)
+            assert len(got) == 5 and loader.position == 5, (backend, workers, run, len(got))
+            loader.close()
+
+
+def test_the_loader_recovers_after_its_workers_die(coded_split):
+    loader = make_loader(coded_split[0], batch_size=8, train=False, workers=2, crop=8)
+    it = iter(loader)
+    next(it)
+    for p in loader._pool.procs:
+        os.kill(p.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(it)
+    assert time.monotonic() - t0 < 4, "a dead worker is reported without waiting on the others"
+    loader.position = 0
+    assert sum(len(y) for _, y in loader) == 90
+    loader.close()
