@@ -109,9 +109,9 @@ CASES = {
                                  ["-m", "preprocess.build_lmdb", tmp / "z.h5", tmp / "out"], ["z.h5", "size zero"]),
     "OUT is a file": (lambda tmp, split: (tmp / "f").write_text("x") and
                       ["-m", "preprocess.build_lmdb", split.parent / "s.h5", tmp / "f"], ["f", "not a folder"]),
-    "verify: corrupt LMDB page": (lambda tmp, split: ["-m", "preprocess.verify", damaged(split, tmp, "page")[0]],
+    "verify: corrupt LMDB page": (lambda tmp, split: ["-m", "preprocess.verify", damaged(split, tmp, "page")[0], "--quiet"],
                                   ["shard-00000", "damaged"]),
-    "verify: truncated data.mdb": (lambda tmp, split: ["-m", "preprocess.verify", damaged(split, tmp, "truncated")[0]],
+    "verify: truncated data.mdb": (lambda tmp, split: ["-m", "preprocess.verify", damaged(split, tmp, "truncated")[0], "--quiet"],
                                    ["shard-00001/data.mdb", "truncated", "12288 bytes"]),
     "verify: meta.json size not a number": (lambda tmp, split: ["-m", "preprocess.verify",
                                                                 damaged(split, tmp, "size_type")[0]], ["field size"]),
@@ -127,7 +127,7 @@ CASES = {
     "preview: crop above the split's size": (lambda tmp, split: ["-m", "datasets.preview", split, "--out",
                                                                  tmp / "p.png", "--crop", 99], ["crop 99"]),
     "plot: a missing run": (lambda tmp, split: ["-m", "alexnet.plot", tmp / "norun"], ["norun", "train.py"]),
-    "evaluate: --save-probs in a missing folder": (
+    "evaluate: --ensemble-from a missing file": (
         lambda tmp, split: ["evaluate.py", "--ensemble-from", tmp / "none.h5"], ["none.h5"]),
     "too many open files": (lambda tmp, split: _many_shards(tmp, split) and
                             ["-m", "datasets.preview", tmp / "many", "--out", tmp / "p.png", "--crop", 8,
@@ -184,7 +184,7 @@ def test_make_loader_arguments_are_checked(split):
                             ({"workers": 2, "prefetch": 0}, "prefetch=0"),
                             ({"workers": 0, "crop": SIZE + 1}, f"crop {SIZE + 1} must be in 1..{SIZE}")):
         with pytest.raises(ValueError, match=message):
-            make_loader(split, **{"batch_size": 4, "train": True, **kwargs})
+            make_loader(split, **{"batch_size": 4, "train": True, "crop": 8, **kwargs})
 
 
 def test_plot_leaves_out_a_torn_last_line_and_train_log_repairs_it(tmp_path):
