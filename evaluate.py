@@ -36,6 +36,23 @@ def report(name, probs, labels, classes, *, crops, models, images_per_s, per_cla
                           "models": models}))
 
 
+def check_arguments(args):
+    """What can be checked before a long evaluation: numbers in range, and that the output files can be written."""
+    for name, least in (("batch_size", 1), ("workers", 0)):
+        if getattr(args, name) < least:
+            raise EvaluationError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
+    for flag, path in (("--save-probs", args.save_probs), ("--per-class", args.per_class)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise EvaluationError(f"{flag} {path}: is a folder; give a file name")
+        if not os.path.isdir(folder):
+            raise EvaluationError(f"{flag} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise EvaluationError(f"{flag} {path}: the folder {folder} is not writable")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", help="a train.py checkpoint; repeat for an ensemble "
@@ -53,6 +70,7 @@ def main(argv=None):
                                                            "checkpoint or saved file)")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     args = p.parse_args(argv)
+    check_arguments(args)
 
     if args.ensemble_from:
         probs, labels, classes, ckpts, first = evaluation.combine_saved(args.ensemble_from)
@@ -69,6 +87,7 @@ def main(argv=None):
     dataset = open_split(data, "--data")
     for path, (_, _, ckpt) in zip(paths, models):
         evaluation.check_classes(ckpt, path, dataset.classes, data)
+        evaluation.check_size(ckpt, path, dataset.meta["size"], data, tencrop=args.tencrop)
     t0 = time.perf_counter()
     total = None
     for path, (model, normalize, ckpt) in zip(paths, models):

@@ -50,11 +50,11 @@ def main(argv=None):
     optimizer, scheduler = run.optimizer(cfg, net.parameters())
     epoch, step, best = 0, 0, 0.0
 
-    if main_rank:
-        run.prepare_out_dir(cfg.out_dir, args.fresh)
+    lock = run.prepare_out_dir(cfg.out_dir, args.fresh) if main_rank else None  # one trainer per out_dir
     if world_size > 1:
         torch.distributed.barrier()
     last, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    totals = None
     if os.path.exists(last):
         ckpt = checkpoint.load(last)
         checkpoint.check_compatible(ckpt, resolved, last)
@@ -62,10 +62,14 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         train_loader.load_state_dict(ckpt["loader"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        if len(ckpt["rng"].get("torch_ranks", [])) == world_size:
-            torch.set_rng_state(ckpt["rng"]["torch_ranks"][rank])
+        checkpoint.set_rng_state(ckpt["rng"], rank, world_size, device)
         epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        totals = ckpt.get("epoch_totals")
+        if best > 0 and not os.path.exists(best_path):
+            print(f"warning: {best_path} is missing though {last} records a best val top-1 of {best:.1%} (a run "
+                  "stopped between the two writes by an older version); it is written again at the next epoch",
+                  file=sys.stderr)
+            best = 0.0
         if main_rank:
             print(f"=== RESUMING {last}: epoch {epoch}, step {step}, batch {ckpt['loader']['position']} of the epoch "
                   f"(run with --fresh to start over) ===", flush=True)
@@ -81,27 +85,31 @@ def main(argv=None):
         model = torch.compile(model)  # after DDP, so the compiler splits graphs at DDP's gradient buckets
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
-    def save(path, next_epoch):
-        rng = {**checkpoint.rng_state(), "torch_ranks": distributed.gather(torch.get_rng_state(), device)}
+    def save(path, next_epoch, epoch_totals=None):
+        rng = {**checkpoint.rng_state(), **checkpoint.rank_rng_states(device)}
         if main_rank:
             checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
                             loader=train_loader.state_dict(), rng=rng, config=resolved,
-                            meta=run.split_meta(meta), best_top1=best)
+                            meta=run.split_meta(meta), best_top1=best, epoch_totals=epoch_totals)
 
-    def on_checkpoint(at_step):
+    def on_checkpoint(at_step, epoch_totals):
         nonlocal step
         step = at_step
-        save(last, epoch)
+        save(last, epoch, epoch_totals)
 
+    stop = run.Preemption()  # SIGTERM / SIGUSR1: finish the step, save, exit PREEMPTED_EXIT
     t_start = time.time()
     try:
         for epoch in range(epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)
-            stats, step = engine.train_one_epoch(
+            stats, step, totals, stopped = engine.train_one_epoch(
                 model, train_loader, normalize, optimizer, device=device, epoch=epoch, step=step, autocast=autocast,
                 log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every,
-                on_checkpoint=on_checkpoint, show=main_rank and sys.stderr.isatty())
+                on_checkpoint=on_checkpoint, stop=stop, totals=totals, show=main_rank and sys.stderr.isatty())
+            if stopped:
+                save(last, epoch, totals)
+                return stop.exit(main_rank, last, epoch, step, t_start)
             val = engine.evaluate(model, val_loader, normalize, device=device, autocast=autocast)
             scheduler.step(val["val_top1"])
             improved = val["val_top1"] > best
@@ -113,16 +121,23 @@ def main(argv=None):
                 print(f"epoch {epoch}: train loss {stats['train_loss']:.3f} top-1 {stats['train_top1']:.1%} | "
                       f"val loss {val['val_loss']:.3f} top-1 {val['val_top1']:.1%} top-5 {val['val_top5']:.1%} | "
                       f"{stats['images_per_s']:.0f} img/s, data wait {stats['data_wait']:.0%}", flush=True)
-            save(last, epoch + 1)
-            if improved:
+            if improved:  # best.pt before last.pt: last.pt never records a best that best.pt does not hold
                 save(best_path, epoch + 1)
+            save(last, epoch + 1)
+            totals = None
+            if distributed.any_rank([stop.requested], device)[0]:
+                return stop.exit(main_rank, last, epoch + 1, step, t_start)
     except engine.Diverged as exc:
         print(f"stopped: {exc}. The last good checkpoint is kept in {cfg.out_dir}.", file=sys.stderr)
         return 1
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
     if not distributed.same_on_all_ranks(net):
         raise RuntimeError("ranks ended with different weights")
     if main_rank:
-        print(f"done: best val top-1 {best:.1%}; {cfg.out_dir}/best.pt" +
+        print(f"done: best val top-1 {best:.1%}" + (f"; {best_path}" if os.path.exists(best_path) else "") +
               (f"; identical weights on all {world_size} ranks" if world_size > 1 else ""), flush=True)
     distributed.teardown()
     return 0

@@ -2,11 +2,15 @@
 
 Keys: ``model`` (unwrapped from DDP and compile), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the
 epoch in progress, or the next one), ``step`` (optimizer steps so far), ``loader`` (its position),
-``rng`` (Python, numpy, torch, CUDA; and ``torch_ranks``, every rank's torch state), ``config`` (the resolved config, nested plain dict), ``meta`` (the
-training split's classes, size, mean, std and PCA), ``best_top1``.
+``rng`` (Python, numpy, torch, CUDA; and ``torch_ranks`` / ``cuda_ranks``, every rank's torch CPU and CUDA
+generator states), ``config`` (the resolved config, nested plain dict), ``meta`` (the training split's classes,
+size, mean, std and PCA), ``best_top1``, ``epoch_totals`` (the epoch's metric sums so far, in a mid-epoch
+checkpoint; None at an epoch's end).
 """
+import errno
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -39,19 +43,43 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def rank_rng_states(device):
+    """Every rank's torch generator states (CPU, and this rank's CUDA device), gathered to all ranks: each rank
+    draws its own dropout masks and colour shifts, and must get its own streams back on resume."""
+    from alexnet import distributed
+    states = {"torch_ranks": distributed.gather(torch.get_rng_state(), device)}
+    if device.type == "cuda":
+        states["cuda_ranks"] = distributed.gather(torch.cuda.get_rng_state(device), device)
+    return states
+
+
+def set_rng_state(state, rank=0, world_size=1, device=None):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if len(state.get("torch_ranks", [])) == world_size:
+        torch.set_rng_state(state["torch_ranks"][rank])
+    if device is not None and device.type == "cuda" and len(state.get("cuda_ranks", [])) == world_size:
+        torch.cuda.set_rng_state(state["cuda_ranks"][rank], device)
 
 
 def save(path, **contents):
-    """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(contents, f)
+    """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint. On a
+    full disk: a CheckpointError saying so, the previous file at ``path`` intact, no temporary file left."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(contents, f)
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "write failed" in str(exc) \
+                or "unexpected pos" in str(exc) or free < (256 << 20):
+            raise CheckpointError(f"{path}: no space left on the device ({free / 2**20:.0f} MiB free); the previous "
+                                  f"{os.path.basename(path)} is intact. Free some space and run the same command: it "
+                                  "resumes from the last checkpoint") from None
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -148,10 +148,33 @@ def validate(cfg):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     if cfg.model.groups not in (1, 2):
         raise ConfigError(f"model.groups: {cfg.model.groups}; 1 or 2")
-    for key, value in (("train.batch_size", cfg.train.batch_size), ("train.epochs", cfg.train.epochs),
-                       ("data.crop", cfg.data.crop)):
-        if value < 1:
-            raise ConfigError(f"{key}: {value}; must be at least 1")
+    for key, (lo, hi, lo_open, hi_open) in RANGES.items():
+        section, name = key.split(".") if "." in key else (None, key)
+        value = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+        if (value < lo or (lo_open and value == lo)) if lo is not None else False:
+            raise ConfigError(f"{key}: {value}; allowed {_range_text(lo, hi, lo_open, hi_open)}")
+        if (value > hi or (hi_open and value == hi)) if hi is not None else False:
+            raise ConfigError(f"{key}: {value}; allowed {_range_text(lo, hi, lo_open, hi_open)}")
+
+
+# key: (lowest, highest, lowest excluded, highest excluded); None: unbounded. Checked at start, before any work.
+RANGES = {
+    "data.crop": (1, None, False, False), "data.workers": (0, None, False, False),
+    "data.pca_std": (0, None, False, False),
+    "model.dropout": (0, 1, False, True),
+    "train.epochs": (1, None, False, False), "train.batch_size": (1, None, False, False),
+    "train.checkpoint_every": (0, None, False, False), "train.log_every": (1, None, False, False),
+    "optim.lr": (0, None, True, False), "optim.momentum": (0, 1, False, True),
+    "optim.weight_decay": (0, None, False, False), "optim.lr_factor": (0, 1, True, True),
+    "optim.patience": (0, None, False, False), "optim.min_lr": (0, None, False, False),
+    "seed": (0, None, False, False),
+}
+
+
+def _range_text(lo, hi, lo_open, hi_open):
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
 def to_dict(cfg):

@@ -23,6 +23,19 @@ def teardown():
         dist.destroy_process_group()
 
 
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def any_rank(flags, device):
+    """For each boolean, whether it is true on any rank (one all-reduce; no communication on one process)."""
+    if world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def all_sum(values, device):
     """Sum a list of numbers over all ranks (identity on one process)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -1,8 +1,10 @@
 """The loop: ``train_one_epoch`` and ``evaluate``, each about a screen long.
 
 Batches arrive as uint8 on the model's device (the loader copies them there ahead of use, see
-``datasets/device.py``) and are normalised there (``datasets.Normalize``). The loss is read back to the host only every ``log_every`` steps, which is
-also when a NaN or infinite loss stops the run.
+``datasets/device.py``) and are normalised there (``datasets.Normalize``). The loss is read back to the host
+only at sync points (every ``log_every`` steps, at checkpoints and at the epoch's end). There all ranks agree,
+with one all-reduce, on whether any rank saw a NaN or infinite loss (all stop at that step) and whether any
+rank was asked to stop (preemption: all stop at that step and save it).
 """
 import math
 import time
@@ -25,15 +27,33 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+def new_totals():
+    """What an epoch's metrics are summed from; kept in mid-epoch checkpoints, so a resumed epoch reports the
+    whole epoch."""
+    return {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "wait": 0.0, "elapsed": 0.0}
+
+
 def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step, autocast, log_every=20,
-                    checkpoint_every=0, on_checkpoint=None, show=True):
-    """One pass over ``loader`` (from its position). ``on_checkpoint(step)`` runs every ``checkpoint_every``
-    steps, once the loss is known to be finite. Returns the epoch's metrics and the new step count."""
+                    checkpoint_every=0, on_checkpoint=None, stop=None, totals=None, show=True):
+    """One pass over ``loader`` (from its position, adding to ``totals`` of the batches before it).
+    ``on_checkpoint(step, totals)`` runs every ``checkpoint_every`` steps, once the loss is known to be finite
+    (not on the epoch's last step: the end-of-epoch checkpoint follows). ``stop.requested`` (a signal) ends
+    the epoch early at a sync point that all ranks agree on. Returns (metrics, new step count, totals,
+    stopped)."""
     model.train()
     normalize.train()
+    totals = dict(totals or new_totals())
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen, wait, t0 = 0, 0.0, time.perf_counter()
+    alone = distributed.world_size() == 1
+    stopped = False
+
+    def current():
+        return {"loss_sum": totals["loss_sum"] + loss_sum.item(), "correct": totals["correct"] + correct.item(),
+                "seen": totals["seen"] + seen, "wait": totals["wait"] + wait,
+                "elapsed": totals["elapsed"] + time.perf_counter() - t0}
+
     bar = tqdm(total=len(loader), initial=loader.position, desc=f"epoch {epoch}", disable=not show,
                dynamic_ncols=True, leave=False)
     t_wait = time.perf_counter()
@@ -49,24 +69,33 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
-        checkpoint_due = checkpoint_every and step % checkpoint_every == 0
-        if step % log_every == 0 or checkpoint_due or loader.position == len(loader):
+        last_step = loader.position == len(loader)
+        checkpoint_due = bool(checkpoint_every) and step % checkpoint_every == 0 and not last_step
+        asked = stop is not None and stop.requested
+        if step % log_every == 0 or checkpoint_due or last_step or (alone and asked):
             value = loss.item()  # the only host sync of the loop
-            if not math.isfinite(value):
-                raise Diverged(f"loss is {value} at step {step} (epoch {epoch}); lower optim.lr, or use "
-                               "model.init=kaiming with data.std=true for small data")
+            diverged, stopping = distributed.any_rank([not math.isfinite(value), asked], device)
+            if diverged:
+                raise Diverged(f"loss is not finite at step {step} (epoch {epoch}; this rank's loss: {value}); "
+                               "lower optim.lr, or use model.init=kaiming with data.std=true for small data")
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}",
                             img_s=f"{seen / elapsed:.0f}", wait=f"{wait / elapsed:.0%}")
+            if stopping:
+                stopped = True
+                bar.update()
+                break
         bar.update()
         if checkpoint_due and on_checkpoint is not None:
-            on_checkpoint(step)
+            on_checkpoint(step, current())
         t_wait = time.perf_counter()
     bar.close()
-    elapsed = time.perf_counter() - t0
-    loss_total, correct_total, count = distributed.all_sum([loss_sum.item(), correct.item(), seen], device)
-    return {"train_loss": loss_total / max(count, 1), "train_top1": correct_total / max(count, 1),
-            "images_per_s": count / elapsed, "data_wait": wait / elapsed}, step
+    totals = current()
+    loss_total, correct_total, count = distributed.all_sum([totals["loss_sum"], totals["correct"], totals["seen"]],
+                                                           device)
+    stats = {"train_loss": loss_total / max(count, 1), "train_top1": correct_total / max(count, 1),
+             "images_per_s": count / max(totals["elapsed"], 1e-9), "data_wait": totals["wait"] / max(totals["elapsed"], 1e-9)}
+    return stats, step, totals, stopped
 
 
 @torch.no_grad()

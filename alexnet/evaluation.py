@@ -42,6 +42,18 @@ def check_classes(ckpt, path, classes, data):
                               f"(only in the checkpoint: {only_ckpt}; only in the data: {only_data}; or another order)")
 
 
+def check_size(ckpt, path, size, data, *, tencrop):
+    """The split must have the size the network was trained on: its crops of another scale score a plausible
+    but wrong number."""
+    trained = ckpt["meta"].get("size")
+    if trained is not None and trained != size:
+        raise EvaluationError(f"{data}: its images are {size}x{size}, {path} was trained on {trained}x{trained} "
+                              f"(crops of {ckpt['config']['data']['crop']}); pack the test split with --size {trained}")
+    if tencrop and ckpt["config"]["data"]["crop"] > size:
+        raise EvaluationError(f"{data}: {size}x{size} images are smaller than {path}'s crop "
+                              f"{ckpt['config']['data']['crop']}")
+
+
 @torch.no_grad()
 def predict(model, normalize, loader, *, crop, tencrop, autocast):
     """(N×C float32 softmax, averaged over the ten patches when ``tencrop``; N labels), in record order."""
@@ -122,4 +134,4 @@ def split_identity(dataset):
 
 
 __all__ = ["CheckpointError", "EvaluationError", "load_model", "predict", "topk_error", "combine_saved",
-           "save_probs", "split_identity", "per_class_accuracy", "check_classes"]
+           "save_probs", "split_identity", "per_class_accuracy", "check_classes", "check_size"]

@@ -1,6 +1,9 @@
 """What train.py builds before its loop: device, data, model, optimizer, the run folder and its log."""
 import json
 import os
+import re
+import signal
+import sys
 import time
 
 import torch
@@ -8,7 +11,8 @@ import torch
 from alexnet.checkpoint import META_KEYS
 from alexnet.config import yaml_dump
 from alexnet.model import AlexNet
-from datasets import LMDBDataset, Normalize, format as fmt, make_loader
+from datasets import LMDBDataset, Normalize, cli, format as fmt, make_loader
+from datasets.lock import FolderLock, LockedError
 
 
 class RunError(RuntimeError):
@@ -40,8 +44,7 @@ def data(cfg, rank, world_size, device=None):
         missing = sorted(set(train_ds.classes) ^ set(val_ds.classes))[:5]
         raise RunError(f"data.val ({cfg.data.val}) has other classes than data.train ({cfg.data.train}), e.g. "
                        f"{missing}; build val with --classes-from the training split")
-    if cfg.train.batch_size % world_size:
-        raise RunError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {world_size} ranks")
+    check_against_split(cfg, train_ds, world_size)
     per_rank = cfg.train.batch_size // world_size
     common = dict(workers=cfg.data.workers, crop=cfg.data.crop, rank=rank, world_size=world_size, device=device)
     train = make_loader(train_ds, batch_size=per_rank, train=True, seed=cfg.seed, order=cfg.data.order, **common)
@@ -50,6 +53,24 @@ def data(cfg, rank, world_size, device=None):
     normalize = Normalize(train_ds.meta, pca_std=cfg.data.pca_std, mean=cfg.data.mean, std=cfg.data.std,
                           mean_image=mean_image)
     return train, val, normalize
+
+
+def check_against_split(cfg, train_ds, world_size):
+    """Config values that depend on the training split, checked before any work, each naming its key."""
+    meta = train_ds.meta
+    if cfg.data.crop > meta["size"]:
+        raise RunError(f"data.crop: {cfg.data.crop}; allowed 1..{meta['size']} (the size of {cfg.data.train})")
+    if cfg.train.batch_size % world_size:
+        raise RunError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {world_size} ranks")
+    if cfg.train.batch_size > len(train_ds):
+        raise RunError(f"train.batch_size: {cfg.train.batch_size}; allowed 1..{len(train_ds)} (the records of "
+                       f"{cfg.data.train})")
+    if cfg.data.mean == "image" and not meta.get("mean_image"):
+        raise RunError(f"data.mean: 'image', but {cfg.data.train} has no mean image; rebuild it with --mean-image, "
+                       "or use data.mean=rgb")
+    if cfg.data.std and min(meta["std_rgb"]) <= 0:
+        raise RunError(f"data.std: true, but {cfg.data.train} has a channel of std {min(meta['std_rgb'])} "
+                       "(constant images); use data.std=false")
 
 
 def model(cfg, num_classes):
@@ -69,13 +90,74 @@ def split_meta(meta):
     return {k: meta.get(k) for k in META_KEYS}
 
 
+def _lock_run(out_dir):
+    try:
+        return FolderLock(out_dir, lambda pid: f"{out_dir} is in use by pid {pid} (another train.py); wait for it "
+                                               "to end, or choose another out_dir")
+    except LockedError as exc:
+        raise RunError(str(exc)) from None
+
+
 def prepare_out_dir(out_dir, fresh):
-    """Create the run folder; ``fresh`` first moves an existing one aside (never deletes it)."""
+    """Create and lock the run folder (one trainer per folder; a dead owner's lock does not count); ``fresh``
+    first moves an existing one aside (never deletes it). Temporary files of a killed write are removed.
+    Returns the held lock."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RunError(f"out_dir {out_dir} is a file; choose a folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.access(out_dir if os.path.isdir(out_dir) else parent, os.W_OK):
+        raise RunError(f"out_dir {out_dir} is not writable; choose another out_dir")
     if fresh and os.path.exists(out_dir):
+        lock = _lock_run(out_dir)  # never move a folder another trainer is writing
         aside = f"{out_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(out_dir, aside)
+        lock.release()
         print(f"--fresh: moved the previous run to {aside}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
+    lock = _lock_run(out_dir)
+    for name in os.listdir(out_dir):
+        if _TMP.fullmatch(name):
+            os.remove(os.path.join(out_dir, name))
+            print(f"removed {name}, left by a write that was killed", flush=True)
+    return lock
+
+
+_TMP = re.compile(r".+\.tmp-\d+(\.[A-Za-z0-9]+)?")  # datasets.format.atomic_path's temporary names
+
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (what Slurm, Kubernetes and spot machines send before they kill): ask the loop to
+    stop at the next step all ranks agree on; train.py then saves last.pt and exits with PREEMPTED_EXIT. A
+    second signal while saving changes nothing (the save is atomic either way)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self.t_signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"{name} again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
+            return
+        self.requested, self.t_signal = signum, time.time()
+        print(f"{name}: finishing this step, then saving last.pt and exiting", file=sys.stderr, flush=True)
+
+    def exit(self, main_rank, last, epoch, step, t_start):
+        if main_rank:
+            took = f", {time.time() - self.t_signal:.1f} s after the signal" if self.t_signal else ""
+            print(f"preempted: saved {last} at epoch {epoch}, step {step}{took}; run the same command to resume "
+                  f"(exit status {PREEMPTED_EXIT})", flush=True)
+        return PREEMPTED_EXIT
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a scheduler expects of a job it asked to stop; requeue on it
 
 
 def write_config(out_dir, resolved):
@@ -96,8 +178,12 @@ class RunLog:
 
     def write(self, row):
         _drop_torn_line(self.path)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            _drop_torn_line(self.path)
+            raise RunError(f"{self.path}: {cli.explain(exc)}; the checkpoints are intact") from None
         if self.tb is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and isinstance(value, (int, float)):

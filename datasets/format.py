@@ -193,17 +193,19 @@ def read_meta(root):
     path = os.path.join(root, META_FILE)
     if not os.path.isdir(root):
         raise FormatError(f"{root}: no such split directory")
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read forever
+        raise FormatError(f"{path}: not a regular file; {root} is not a packed split")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{path}: missing; {root} is not a packed split (or its build did not finish)") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, a 5000-digit number, deep nesting
+        raise FormatError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                           f"expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
+    if type(meta.get("version")) is not int or meta["version"] != VERSION:
         raise FormatError(f"{path}: version {meta.get('version')!r}, this code reads version {VERSION}; "
                           "rebuild the split with this version of preprocess.build_lmdb")
     missing = [k for k in META_FIELDS if k not in meta]
@@ -214,12 +216,17 @@ def read_meta(root):
 
 
 def _numbers(value, shape):
-    """True when ``value`` is a nested list of finite numbers of this shape."""
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    """True when ``value`` is a nested list of finite numbers (not strings, not booleans) of this shape."""
+    def flat(v):
+        return [x for item in v for x in flat(item)] if isinstance(v, list) else [v]
+    if not all(type(x) in (int, float) for x in flat(value)):
         return False
+    a = np.asarray(value, dtype=np.float64)
     return a.shape == shape and bool(np.isfinite(a).all())
+
+
+def _count(value):
+    return type(value) is int and value >= 0
 
 
 def _check_meta(meta, path):
@@ -234,6 +241,13 @@ def _check_meta(meta, path):
         raise bad("encoding", f"is {meta['encoding']!r}, expected one of {', '.join(ENCODINGS)}")
     if not isinstance(meta["classes"], list) or not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
         raise bad("classes", "is not a non-empty list of names")
+    if len(set(meta["classes"])) != len(meta["classes"]):
+        raise bad("classes", "names a class twice")
+    if not _count(meta["num_records"]):
+        raise bad("num_records", f"is {meta['num_records']!r}, expected a count")
+    name = meta.get("mean_image")
+    if name is not None and (not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", "..")):
+        raise bad("mean_image", f"is {name!r}: a file name inside the split, or null")
     for field, shape in (("mean_rgb", (3,)), ("std_rgb", (3,)), ("pca_eigval", (3,)), ("pca_eigvec", (3, 3))):
         if not _numbers(meta[field], shape):
             raise bad(field, f"is {str(meta[field])[:80]}, expected {'×'.join(map(str, shape))} finite numbers")
@@ -245,7 +259,7 @@ def _check_meta(meta, path):
         if not isinstance(sp, str) or not sp or os.path.isabs(sp) or ".." in sp.replace("\\", "/").split("/"):
             raise bad(f"shards[{k}].path", f"is {sp!r}: a shard path must be relative and stay inside the split")
         n = shard.get("num_records")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not _count(n):
             raise bad(f"shards[{k}].num_records", f"is {n!r}, expected a count")
     total = sum(s["num_records"] for s in shards)
     if meta["num_records"] != total:
@@ -267,6 +281,9 @@ def open_shard(path, *, write=False, map_size=1 << 30, readahead=False):
         return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=0, sync=True, metasync=True)
     if not os.path.isdir(path):
         raise FormatError(f"{path}: shard directory is missing")
+    data = os.path.join(path, "data.mdb")
+    if not os.path.isfile(data):
+        raise FormatError(f"{data}: missing or not a regular file; restore the shard or rebuild the split")
     try:
         env = lmdb.open(path, readonly=True, lock=False, readahead=readahead, subdir=True, max_dbs=0,
                         max_readers=2048)
@@ -280,7 +297,7 @@ def open_shard(path, *, write=False, map_size=1 << 30, readahead=False):
         raise FormatError(f"{path}: not a readable LMDB shard ({exc}); restore it or rebuild the split") from None
     # A data.mdb shorter than its last page would kill the reader with SIGBUS on the first read past its end.
     need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    have = os.path.getsize(os.path.join(path, "data.mdb"))
+    have = os.path.getsize(data)
     if have < need:
         env.close()
         raise FormatError(f"{path}/data.mdb: {have} bytes, but its LMDB pages need {need}: the file is truncated "

@@ -325,6 +325,7 @@ def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, 
     the CUDA copy (``datasets.device.Copier``: how tests hold a copy in flight).
     """
     dataset = root if isinstance(root, LMDBDataset) else LMDBDataset(root, readahead=order == "sequential")
-    crop = crop or dataset.meta["size"] - 32
+    size = dataset.meta["size"]
+    crop = crop or (size - 32 if size > 32 else size)
     return Loader(dataset, batch_size=batch_size, train=train, workers=workers, seed=seed, crop=crop, rank=rank,
                   world_size=world_size, order=order, backend=backend, prefetch=prefetch, device=device, copier=copier)

@@ -24,6 +24,7 @@ import mmap
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import traceback
 import warnings
@@ -64,6 +65,8 @@ def _worker(make_batches, images, labels, tasks, results, parent):
     """Build batches until told to stop or orphaned: task (generation, epoch, k, slot) -> result
     (generation, k, slot, n, error)."""
     results.cancel_join_thread()  # never block exit on a result nobody will read
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # a scheduler signals the whole job: the trainer decides, workers follow
     cached = {}
     while True:
         try:
@@ -189,7 +192,10 @@ class ProcessPool:
                     if not p.is_alive():
                         code = p.exitcode
                         self.close(timeout=0)  # the others may wait on a queue lock the dead one held
-                        raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with code {code}"
+                        how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+                        hint = ("; a shard file is damaged or changed while open: run python -m preprocess.verify on "
+                                "the split" if code == -signal.SIGBUS else "")
+                        raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with {how}{hint}"
                                            ) from None
                 continue
             with self._lock:

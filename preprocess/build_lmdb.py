@@ -10,7 +10,6 @@ build and yields the same records as an uninterrupted one.
 """
 import argparse
 import errno
-import fcntl
 import json
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets import cli, format as fmt
+from datasets.lock import FolderLock, LockedError
 from preprocess import image_ops
 from preprocess.sources import FORMATS, MissingFile, SourceError, open_source
 from preprocess.stats import PixelStats
@@ -243,6 +243,28 @@ def _existing(path):
     return "split"
 
 
+def _publish(tmp, out, lock, overwrite):
+    """Rename the finished OUT.partial to OUT, replacing only what the user allowed: OUT is checked again
+    here, since anything may have appeared there during the build."""
+    kind = _existing(out)
+    if kind not in (None, "empty", "split") or (kind == "split" and not overwrite):
+        raise BuildError(f"{out} {kind if kind != 'split' else 'became a packed split'} while this build ran; "
+                         f"the finished build stays in {tmp}: move {out} away, then run the same command with "
+                         "--resume to publish it")
+    old = None
+    if kind is not None:
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)  # the lock file goes along, still held: no second build can start on a half-moved OUT
+    lock.published(out)
+    _fsync_dir(os.path.dirname(out))
+    if old:
+        if os.path.islink(old) or not os.path.isdir(old):
+            os.remove(old)
+        else:
+            shutil.rmtree(old)
+
+
 def _write_error(tmp, exc):
     """A BuildError for a failed write: 'no space left' when that is what happened, and how to go on."""
     free = shutil.disk_usage(tmp).free if os.path.isdir(tmp) else None
@@ -253,31 +275,20 @@ def _write_error(tmp, exc):
     return BuildError(f"{tmp}: writing failed ({exc}); fix the cause, then run the same command with --resume")
 
 
-class BuildLock:
-    """An exclusive lock on OUT.partial/.lock (``fcntl.lockf``: released when this process ends, kill -9
-    included, and not inherited by the build's worker processes), holding the owner's pid."""
-
-    NAME = ".lock"
+class BuildLock(FolderLock):
+    """OUT.partial's lock (``datasets/lock.py``): one build per OUT at a time."""
 
     def __init__(self, tmp, out):
-        self.tmp = tmp
-        os.makedirs(tmp, exist_ok=True)
-        self.path = os.path.join(tmp, self.NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            self.fd = None
-            raise BuildError(f"another build (pid {pid}) is writing {out}; wait for it to finish, or stop it "
-                             "first") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+            super().__init__(tmp, lambda pid: f"another build (pid {pid}) is writing {out}; wait for it to finish, "
+                                              "or stop it first")
+        except LockedError as exc:
+            raise BuildError(str(exc)) from None
+        self.tmp = tmp
 
     def others(self):
         """What OUT.partial holds besides the lock: an interrupted build, or nothing."""
-        return [n for n in os.listdir(self.tmp) if n != self.NAME]
+        return [n for n in os.listdir(self.tmp) if n != self.name]
 
     def clear(self):
         for name in self.others():
@@ -286,12 +297,7 @@ class BuildLock:
 
     def published(self, out):
         """OUT.partial became OUT: drop the lock file from the split (the lock itself is held until release)."""
-        os.remove(os.path.join(out, self.NAME))
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        os.remove(os.path.join(out, self.name))
 
 
 def default_workers():
@@ -362,6 +368,14 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
     n, size, mean_image, encoding = len(source), opts.size, opts.mean_image, opts.encoding
     progress = None
     leftover = lock.others()
+    if resume and fmt.META_FILE in leftover and PLAN_FILE not in leftover:
+        # finished, then stopped before it was renamed to OUT (killed, or OUT appeared meanwhile)
+        fmt.read_meta(tmp)
+        _publish(tmp, out, lock, overwrite)
+        if not quiet:
+            print(f"{out}: the finished build in {tmp} is published", file=sys.stderr)
+        return {"out": out, "written": 0, "skipped": {}, "bytes": 0, "images_per_s": 0.0,
+                "elapsed_s": time.monotonic() - t0}
     if leftover and not (resume or overwrite):
         raise BuildError(f"{tmp} holds an interrupted build; pass --resume to continue it, "
                          "or --overwrite to start over")
@@ -436,22 +450,17 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
                      "lmdb": lmdb.__version__, "msgpack": ".".join(map(str, msgpack.version))},
     }
-    if mean_image:
-        with fmt.atomic_path(os.path.join(tmp, fmt.MEAN_IMAGE_FILE)) as path, open(path, "wb") as f:
-            np.save(f, writer.total.mean_image(), allow_pickle=False)
-    fmt.write_json_atomic(os.path.join(tmp, fmt.META_FILE), meta)
+    try:
+        if mean_image:
+            with fmt.atomic_path(os.path.join(tmp, fmt.MEAN_IMAGE_FILE)) as path, open(path, "wb") as f:
+                np.save(f, writer.total.mean_image(), allow_pickle=False)
+        fmt.write_json_atomic(os.path.join(tmp, fmt.META_FILE), meta)
+    except OSError as exc:
+        raise _write_error(tmp, exc) from None
     for name in (PLAN_FILE, PROGRESS_FILE):
         os.remove(os.path.join(tmp, name))
     _fsync_dir(tmp)
-    old = None
-    if os.path.exists(out):  # a packed split or an empty folder (checked before the build)
-        old = f"{out}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)  # the lock file goes along, still held: no second build can start on a half-moved OUT
-    lock.published(out)
-    _fsync_dir(os.path.dirname(out))
-    if old:
-        shutil.rmtree(old)
+    _publish(tmp, out, lock, overwrite)
 
     elapsed = time.monotonic() - t0
     reasons = {}

@@ -9,6 +9,7 @@ that reads them.
 """
 import hashlib
 import os
+import re
 import stat
 
 import numpy as np
@@ -83,9 +84,11 @@ def _kind(mode):
     return "special file"
 
 
-def _walk_once(top, rel_top, seen, skipped):
-    """Image files under ``top`` (following links), each real directory visited once: a link to a directory
-    already visited (a loop, the root, another class) is reported in ``skipped`` and not followed."""
+def _walk_links(top, rel_top, real_src, seen, skipped):
+    """Image files under ``top``, torchvision's order. Links are followed only out of SRC, and each real folder
+    is read once: a link into SRC (its target is read where it is), to a folder holding SRC (a loop), or to a
+    folder already read is reported in ``skipped`` and not followed, so no image is packed twice or under
+    another class's label."""
     found, stack = [], [(top, rel_top)]
     while stack:
         path, rel = stack.pop()
@@ -101,37 +104,60 @@ def _walk_once(top, rel_top, seen, skipped):
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
+            if e.is_symlink():
+                why = _link_problem(e.path, real_src, seen)
+                if why:
+                    skipped.append({"source": child, "reason": f"symlink {why}; not followed"})
+                    continue
             if is_dir:
                 st = os.stat(e.path)
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    skipped.append({"source": child, "reason": f"symlink to a folder already read ({seen[key]}): "
-                                                               "a loop, the root or another class; not followed"})
-                    continue
-                seen[key] = child
+                seen[(st.st_dev, st.st_ino)] = child
                 subdirs.append((e.path, child))
             elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append((rel, e.name))
         stack.extend(reversed(subdirs))
-    return [os.path.join(d, f) for d, f in sorted(found)]  # torchvision's order: by folder, then by name
+    return [os.path.join(d, f) for d, f in sorted(found)]
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(path, real_src, seen):
+    """Why the link at ``path`` must not be followed, or None."""
+    target = os.path.realpath(path)
+    if _inside(real_src, target):
+        return f"to {target}, which holds SRC (a loop)"
+    if _inside(target, real_src):
+        return f"to {os.path.relpath(target, real_src)} inside SRC, read where it is"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a dangling link: skipped later as a missing file
+    if (st.st_dev, st.st_ino) in seen:
+        return f"to {target}, already read as {seen[(st.st_dev, st.st_ino)]}"
+    return None
 
 
 def image_folder(src, class_map=None):
     """torchvision's ImageFolder rules: classes are the sorted first-level folders, files found recursively
-    (any case of a common image extension), sorted; links are followed, but each real folder is read once
-    (the root and the class folders first), so a loop or a link to another class packs nothing twice.
+    (any case of a common image extension), sorted; links leading out of SRC are followed, each real folder
+    read once, so a loop or a link to another class packs nothing twice (``_walk_links``).
     ``class_map`` maps names to another split's labels."""
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise SourceError(f"{src}: no class folders; an ImageFolder tree is SRC/CLASS/IMAGE")
-    root_st = os.stat(src)
-    seen = {(root_st.st_dev, root_st.st_ino): "SRC"}
+    real_src = os.path.realpath(src)
     for c in classes:
-        st = os.stat(os.path.join(src, c))
-        seen.setdefault((st.st_dev, st.st_ino), c)
-    paths, labels, skipped = [], [], []
+        target = os.path.realpath(os.path.join(src, c))
+        if os.path.islink(os.path.join(src, c)) and (_inside(target, real_src) or _inside(real_src, target)):
+            raise SourceError(f"{os.path.join(src, c)}: class folder is a link to {target}, inside SRC or holding "
+                              "it: its images would be packed twice or under two labels; remove the link")
+    seen, paths, labels, skipped = {}, [], [], []
     for own_label, c in enumerate(classes):
-        found = _walk_once(os.path.join(src, c), c, seen, skipped)
+        st = os.stat(os.path.join(src, c))
+        seen[(st.st_dev, st.st_ino)] = c
+        found = _walk_links(os.path.join(src, c), c, real_src, seen, skipped)
         if not found:
             raise SourceError(f"{os.path.join(src, c)}: class folder holds no image files "
                               f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
@@ -184,31 +210,39 @@ def list_file(path, root=None, classes=None, allow_outside_root=False):
         raise SourceError(f"{path}: not a text list file ({_what_binary(path)}); SRC is an ImageFolder directory, "
                           "a list file of 'relative/path label' lines, an HDF5 file or a CIFAR binary directory"
                           ) from None
+    lines_in_file = text.count("\n") + 1
+    limit = len(classes) if classes is not None else _label_limit(lines_in_file)
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not _INTEGER.fullmatch(parts[1]):
             raise SourceError(f"{path}:{n}: expected 'relative/path label', got {line[:200]!r}")
         label, rel = int(parts[1]), parts[0].strip()
-        if label < 0 or (classes is not None and label >= len(classes)):
-            raise SourceError(f"{path}:{n}: label {label} is out of range "
-                              f"[0, {len(classes) if classes is not None else 'inf'})")
+        if "\0" in rel:
+            raise SourceError(f"{path}:{n}: the path holds a NUL byte")
+        if label < 0 or label >= limit:
+            raise SourceError(f"{path}:{n}: label {label} is out of range [0, {limit})" + (
+                "" if classes is not None else f": more than {lines_in_file} inputs can use without a class list; "
+                                               "fix it, or give the class list with --classes-from"))
         real = os.path.realpath(os.path.join(root, rel))
         if not allow_outside_root and os.path.commonpath([real, real_root]) != real_root:
             raise SourceError(f"{path}:{n}: {rel!r} is outside --root {root}; fix the path, or pass "
                               "--allow-outside-root if you mean it")
-        if rel in first:
-            k = first[rel]
+        if real in first:  # the same file, however it is spelled (a/./x.jpg, ./a/x.jpg, through a link)
+            k = first[real]
             warnings.append({"source": rel, "reason": f"listed twice, lines {lines[k]} and {n}, with labels "
                                                       f"{labels[k]} and {label}; both are packed"})
         else:
-            first[rel] = len(paths)
+            first[real] = len(paths)
         paths.append(rel)
         labels.append(label)
         lines.append(n)
     classes = _check_labels(labels, classes, path, line_of=lambda i: f"{path}:{lines[i]}")
     return FileSource(root, paths, labels, classes, warnings=warnings)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _what_binary(path):
@@ -247,11 +281,18 @@ class HDF5Source:
             if lab.ndim != 1 or lab.shape[0] != ds.shape[0] or lab.dtype.kind not in "iu":
                 raise SourceError(f"{path}: dataset {labels!r} is {lab.dtype} {list(lab.shape)}, "
                                   f"expected {ds.shape[0]} integer labels")
-            self.labels = lab[()].astype(np.int64)
+            raw = lab[()]
+            if raw.dtype == np.uint64 and len(raw) and raw.max() > np.iinfo(np.int64).max:
+                raise SourceError(f"{path}:{labels}: label {int(raw.max())} at input {int(raw.argmax())} is beyond "
+                                  "any class list; fix the labels")
+            self.labels = raw.astype(np.int64)
             if 0 in ds.shape[1:3]:
                 raise SourceError(f"{path}: dataset {images!r} is {list(ds.shape)}: images of size zero")
             if classes is None and "classes" in f:
-                classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
+                try:
+                    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
+                except UnicodeDecodeError:
+                    raise SourceError(f"{path}: dataset 'classes' holds names that are not UTF-8 text") from None
         self.classes = _check_labels(self.labels, classes, f"{path}:{labels}")
         self.skipped, self.warnings = [], []
 
@@ -290,6 +331,8 @@ class CifarSource:
         if os.path.exists(os.path.join(src, "data_batch_1.bin")) or os.path.exists(os.path.join(src, "test_batch.bin")):
             files = sorted(f for f in os.listdir(src) if f.startswith("data_batch_") and f.endswith(".bin")) \
                 if split == "train" else ["test_batch.bin"]
+            if not files:
+                raise SourceError(f"{src}: no data_batch_*.bin for --split train; use --split test, or add them")
             skip, names = 0, "batches.meta.txt"
         elif os.path.exists(os.path.join(src, "train.bin")) or os.path.exists(os.path.join(src, "test.bin")):
             files, skip, names = [f"{split}.bin"], 1, "fine_label_names.txt"
@@ -310,8 +353,11 @@ class CifarSource:
         self.labels = np.concatenate([self._records(k)[:, skip] for k in range(len(self.files))]).astype(np.int64)
         names_path = os.path.join(src, names)
         if classes is None and os.path.exists(names_path):
-            with open(names_path, encoding="utf-8") as f:
-                classes = [ln.strip() for ln in f if ln.strip()]
+            try:
+                with open(names_path, encoding="utf-8") as f:
+                    classes = [ln.strip() for ln in f if ln.strip()]
+            except UnicodeDecodeError:
+                raise SourceError(f"{names_path}: not UTF-8 text; fix or remove it") from None
         self.classes = _check_labels(self.labels, classes, src)
         self.skipped, self.warnings = [], []
 
@@ -354,6 +400,9 @@ def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", 
     """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space."""
     if not os.path.exists(src):
         raise SourceError(f"{src}: no such file or directory")
+    if not (os.path.isdir(src) or os.path.isfile(src)):  # a FIFO would block the first read forever
+        raise SourceError(f"{src}: neither a folder nor a regular file; SRC is an ImageFolder directory, a list file, "
+                          "an HDF5 file or a CIFAR binary directory")
     fmt = fmt or detect(src)
     if fmt == "imagefolder":
         if not os.path.isdir(src):

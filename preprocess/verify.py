@@ -6,7 +6,9 @@ records match meta.json (exactly for lossless encodings; within JPEG's small shi
 Exits non-zero naming the first bad record.
 """
 import argparse
+import multiprocessing
 import os
+import signal
 import sys
 
 import cv2
@@ -68,7 +70,7 @@ def _records(txn, path, start):
                           "it from a copy or rebuild the split") from None
 
 
-def verify(root, *, quiet=False):
+def verify(root, *, quiet=False, on_shard=None):
     """Raises VerifyError (or FormatError) at the first problem; returns the records checked and how far
     the recomputed statistics are from meta.json's."""
     meta = fmt.read_meta(root)
@@ -82,6 +84,8 @@ def verify(root, *, quiet=False):
     with tqdm(total=total, unit="rec", disable=quiet, file=sys.stderr) as bar:
         for shard in meta["shards"]:
             path = os.path.join(root, shard["path"])
+            if on_shard is not None:
+                on_shard(path)
             env = fmt.open_shard(path, readahead=True)
             try:
                 entries = env.stat()["entries"]
@@ -90,8 +94,9 @@ def verify(root, *, quiet=False):
                 with env.begin() as txn:
                     for key, value in _records(txn, path, index):
                         where = f"{shard['path']} record {index}"
-                        if fmt.decode_key(key) != index:
-                            raise VerifyError(f"{where}: key is {fmt.decode_key(key)}, expected {index}")
+                        if len(key) != 8 or fmt.decode_key(key) != index:
+                            raise VerifyError(f"{where}: key is {bytes(key)[:16].hex()}, expected {index} as 8 "
+                                              "big-endian bytes; the shard is damaged")
                         rec = fmt.unpack_record(value, where=where)
                         if tuple(rec["shape"]) != image_shape:
                             raise VerifyError(f"{where} (source {rec['source']!r}): shape {rec['shape']}, "
@@ -114,13 +119,48 @@ def verify(root, *, quiet=False):
     return {"records": index, "mean_diff": mean_diff, "cov_rel_diff": cov_diff}
 
 
+def _in_child(root, quiet):
+    """``verify`` in a forked process: a shard damaged so that LMDB reads past its file kills the reader with
+    SIGBUS, which a process cannot catch in itself; here it becomes an error naming the shard."""
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
+
+    def run():
+        reader.close()
+        try:
+            writer.send(("done", verify(root, quiet=quiet, on_shard=lambda p: writer.send(("shard", p)))))
+        except (VerifyError, fmt.FormatError) as exc:
+            writer.send(("error", str(exc)))
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    writer.close()
+    shard, outcome = root, None
+    while outcome is None:
+        try:
+            kind, value = reader.recv()
+        except EOFError:
+            break
+        if kind == "shard":
+            shard = value
+        else:
+            outcome = (kind, value)
+    child.join()
+    if outcome is None:
+        how = f"signal {signal.Signals(-child.exitcode).name}" if child.exitcode < 0 else f"exit {child.exitcode}"
+        raise VerifyError(f"{shard}: reading it crashed the reader ({how}): the shard's file is damaged; restore it "
+                          "from a copy or rebuild the split")
+    if outcome[0] == "error":
+        raise VerifyError(outcome[1])
+    return outcome[1]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m preprocess.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="a split directory written by preprocess.build_lmdb")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print only problems")
     args = p.parse_args(argv)
     try:
-        result = verify(args.root, quiet=args.quiet)
+        result = _in_child(args.root, args.quiet)
     except (VerifyError, fmt.FormatError) as exc:
         print(f"FAILED: {' '.join(str(exc).split())}", file=sys.stderr)
         return cli.EXPLAINED_EXIT

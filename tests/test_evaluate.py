@@ -93,3 +93,21 @@ def test_bad_inputs_name_the_file(trained, tiny, tmp_path):
     evaluate("--checkpoint", trained / "last.pt", "--data", tiny / "train", "--save-probs", tmp_path / "train.h5")
     proc = evaluate("--ensemble-from", tmp_path / "val.h5", tmp_path / "train.h5", check=False)
     assert proc.returncode == 2 and "train.h5: its images" in proc.stderr
+
+
+def test_a_split_of_another_size_is_refused_naming_both(trained, tiny, tmp_path):
+    from preprocess.build_lmdb import build
+    other = tmp_path / "val144"
+    build(str(tiny / "images" / "val"), str(other), size=144, workers=1, quiet=True, classes_from=str(tiny / "train"))
+    for extra in ([], ["--tencrop"]):
+        proc = evaluate("--checkpoint", trained / "last.pt", "--data", other, *extra, check=False)
+        assert proc.returncode == 2 and "144x144" in proc.stderr and "72x72" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_output_paths_and_numbers_are_checked_before_the_evaluation(trained, tmp_path):
+    for args, message in ((["--save-probs", tmp_path / "nowhere" / "p.h5"], "does not exist"),
+                          (["--per-class", tmp_path], "is a folder"),
+                          (["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1")):
+        proc = evaluate("--checkpoint", trained / "last.pt", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "images/s" not in proc.stdout, proc.stderr

@@ -234,3 +234,18 @@ def test_the_loader_recovers_after_its_workers_die(coded_split):
     loader.position = 0
     assert sum(len(y) for _, y in loader) == 90
     loader.close()
+
+
+class _BusErrorDataset(LMDBDataset):
+    parent = os.getpid()
+
+    def visit(self, *args, **kwargs):
+        if os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGBUS)
+        return super().visit(*args, **kwargs)
+
+
+def test_a_worker_killed_by_sigbus_says_what_to_check(coded_split):
+    loader = make_loader(_BusErrorDataset(coded_split[0]), batch_size=8, train=True, workers=2, crop=8)
+    with pytest.raises(RuntimeError, match=r"signal SIGBUS; a shard file is damaged .*preprocess.verify"):
+        list(loader)

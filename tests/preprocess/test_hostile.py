@@ -226,3 +226,28 @@ def test_a_full_disk_says_so_and_resume_finishes_once_there_is_room(tmp_path, rn
             "--quiet")
     meta, records = read_plain(out)
     assert meta["num_records"] == len(records) == 240
+
+
+def test_links_into_src_never_change_a_label_and_links_out_are_followed_once(tmp_path, rng):
+    data = tmp_path / "data"
+    src = data / "train"
+    write_image_folder(str(src), ["a", "b"], 2, rng, size=(40, 30))
+    write_image_folder(str(src / "b"), ["sub"], 1, rng, size=(40, 30))        # b/sub/img_0.jpg, a real folder
+    write_image_folder(str(data / "val"), ["a"], 1, rng, size=(40, 30))       # beside SRC, not in it
+    outside = tmp_path / "extra"
+    write_image_folder(str(outside), ["more"], 2, rng, size=(40, 30))
+    os.symlink("../b/sub", src / "a" / "link")       # into SRC, another class's real folder
+    os.symlink("../..", src / "b" / "up")            # to a folder holding SRC: would pack val/ as class b
+    os.symlink(str(outside / "more"), src / "a" / "ext")   # out of SRC: followed
+    os.symlink(str(outside / "more"), src / "a" / "ext2")  # the same folder again: once
+    source = open_source(str(src))
+    packed = sorted((source.name(i), source.classes[source.label(i)]) for i in range(len(source)))
+    assert packed == [("a/ext/img_0.jpg", "a"), ("a/ext/img_1.jpg", "a"), ("a/img_0.jpg", "a"), ("a/img_1.jpg", "a"),
+                      ("b/img_0.jpg", "b"), ("b/img_1.jpg", "b"), ("b/sub/img_0.jpg", "b")]
+    assert sorted(s["source"] for s in source.skipped) == ["a/ext2", "a/link", "b/up"]
+
+
+def test_a_class_folder_linking_inside_src_is_refused(src):
+    os.symlink("a", src / "d")
+    with pytest.raises(SourceError, match=r"d: class folder is a link to .*remove the link"):
+        open_source(str(src))

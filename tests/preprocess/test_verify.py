@@ -56,3 +56,24 @@ def test_damaged_meta_or_shards_fail(split, damage, message):
     (split / "meta.json").write_text(json.dumps(meta))
     proc = run_cli("preprocess.verify", split, check=False)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_a_shard_that_crashes_the_reader_is_named(split, monkeypatch):
+    """A damaged page can make LMDB read past its file (SIGBUS, which no process catches in itself): verify reads
+    in a child process and names the shard it was reading."""
+    import os
+    import signal
+
+    from preprocess import verify as verify_module
+    original = verify_module.verify
+
+    def crashing(root, *, quiet=False, on_shard=None):
+        def on(path):
+            on_shard(path)
+            if path.endswith("shard-00001"):
+                os.kill(os.getpid(), signal.SIGBUS)
+        return original(root, quiet=quiet, on_shard=on)
+
+    monkeypatch.setattr(verify_module, "verify", crashing)
+    with pytest.raises(verify_module.VerifyError, match=r"shard-00001: reading it crashed the reader \(signal SIGBUS\)"):
+        verify_module._in_child(str(split), True)

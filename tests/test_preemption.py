@@ -1,0 +1,179 @@
+"""train.py on a cluster: preemption by signal, a kill between the two checkpoint writes, two trainers on one
+folder, a NaN on one rank, a full disk, per-rank random streams after a resume, and config values out of range."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_train import train, weights
+
+COMMON = ["train.epochs=2", "train.batch_size=32", "train.log_every=4"]  # 9 steps an epoch on the tiny split
+
+
+def faulty(tiny, out, *extra, env=None, timeout=600, ranks=None):
+    args = [sys.executable, os.path.join(ROOT, "tests", "faults.py"), "configs/demo.yaml",
+            f"data.train={tiny / 'train'}", f"data.val={tiny / 'val'}", f"out_dir={out}", *map(str, extra)]
+    if ranks:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                *args[1:]]
+    threads = {"OMP_NUM_THREADS": "1"} if ranks else {}  # as torchrun sets it; one process keeps train()'s threads
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **threads, **(env or {})})
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_at_a_random_step_then_restart_equals_an_uninterrupted_run(tiny, tmp_path):
+    train(tiny, tmp_path / "whole", *COMMON)
+    at = int(np.random.default_rng(int(time.time())).integers(1, 18))  # any step of either epoch, its last too
+    out = tmp_path / "cut"
+    t0 = time.monotonic()
+    proc = faulty(tiny, out, *COMMON, env={"FAULT_SIGNAL_AT_STEP": str(at), "FAULT_SIGNAL_TWICE": "1"})
+    assert proc.returncode == 143, (at, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert f"step {at}" in proc.stdout and "run the same command to resume" in proc.stdout, (at, proc.stdout)
+    assert "already stopping" in proc.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == at, "no step lost, none repeated"
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    resumed = train(tiny, out, *COMMON)
+    assert "RESUMING" in resumed.stdout, (at, time.monotonic() - t0)
+    assert_same_weights(tmp_path / "whole" / "last.pt", out / "last.pt")
+    from alexnet.run import read_log
+    whole, cut = read_log(tmp_path / "whole"), read_log(out)
+    assert [r["epoch"] for r in cut] == [0, 1]
+    for a, b in zip(whole, cut):  # a resumed epoch reports the whole epoch, not the part after the resume
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["val_top1"] == b["val_top1"]
+
+
+@pytest.mark.slow
+def test_sigusr1_on_the_last_step_of_an_epoch_resumes_into_the_next(tiny, tmp_path):
+    out = tmp_path / "cut"
+    proc = faulty(tiny, out, *COMMON, env={"FAULT_SIGNAL_AT_STEP": "9", "FAULT_SIGNAL": "USR1"})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    resumed = train(tiny, out, *COMMON)
+    assert "epoch 0, step 9, batch 9 of the epoch" in resumed.stdout
+    from alexnet.run import read_log
+    rows = read_log(out)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["train_loss"] > 0.5 for r in rows)
+
+
+@pytest.mark.slow
+def test_killed_between_best_and_last_keeps_them_in_agreement(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = faulty(tiny, out, "train.epochs=1", "train.batch_size=32", env={"FAULT_KILL_AFTER_BEST": "1"})
+    assert proc.returncode == -9
+    assert (out / "best.pt").exists() and not (out / "last.pt").exists()
+    (out / "last.pt.tmp-999999.pt").write_bytes(b"half a checkpoint")  # as a killed write leaves it
+    done = train(tiny, out, "train.epochs=1", "train.batch_size=32")
+    assert "last.pt.tmp-999999.pt" in done.stdout and not (out / "last.pt.tmp-999999.pt").exists()
+    best, last = (torch.load(out / n, weights_only=True) for n in ("best.pt", "last.pt"))
+    assert best["best_top1"] == last["best_top1"] and best["epoch"] == last["epoch"] == 1
+    assert "best.pt" in done.stdout
+
+
+def test_two_trainers_on_one_folder(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
+                              f"data.val={tiny / 'val'}", f"out_dir={out}", "train.epochs=50"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.yaml").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.05)
+        second = train(tiny, out, "train.epochs=1", check=False)
+        assert second.returncode == 2 and f"in use by pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        second = train(tiny, out, "train.epochs=1", "--fresh", check=False)
+        assert second.returncode == 2 and f"in use by pid {first.pid}" in second.stderr, "never moved aside in use"
+    finally:
+        first.kill()
+        first.wait()
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    assert len(lines) == len(set(lines)), "no row written twice"
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_both_at_the_same_step(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = faulty(tiny, out, "train.epochs=1", "train.batch_size=32", "train.log_every=2", "train.checkpoint_every=2",
+                  "data.workers=1", env={"FAULT_NAN_RANK": "1", "FAULT_NAN_AT_STEP": "3"}, ranks=2, timeout=300)
+    assert proc.returncode != 0
+    stops = [line for line in proc.stderr.splitlines() if line.startswith("stopped: loss is not finite at step")]
+    assert len(stops) == 2 and len({s.split("(")[0] for s in stops}) == 1, proc.stderr[-3000:]
+    assert "step 4" in stops[0]  # NaN from step 3 on rank 1; the sync point at step 4 stops both
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_two_ranks_preempted_and_resumed_equal_uninterrupted_with_their_own_streams(tiny, tmp_path):
+    common = ["train.epochs=1", "train.batch_size=64", "train.log_every=1", "data.workers=1"]
+    whole = faulty(tiny, tmp_path / "whole", *common, ranks=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = faulty(tiny, tmp_path / "cut", *common, env={"FAULT_SIGNAL_AT_STEP": "2"}, ranks=2)
+    assert cut.returncode != 0 and "preempted: saved" in cut.stdout, cut.stdout[-2000:] + cut.stderr[-2000:]
+    log = tmp_path / "masks"
+    resumed = faulty(tiny, tmp_path / "cut", *common, env={"FAULT_LOG_DROPOUT": str(log)}, ranks=2)
+    assert resumed.returncode == 0 and "RESUMING" in resumed.stdout, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "whole" / "last.pt", tmp_path / "cut" / "last.pt")
+    masks = [open(f"{log}.{r}").read().split() for r in range(2)]
+    assert masks[0][-1] != masks[1][-1], "after a resume each rank draws its own dropout masks"
+    rng = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["rng"]
+    assert len(rng["torch_ranks"]) == 2 and not torch.equal(rng["torch_ranks"][0], rng["torch_ranks"][1])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=420M", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(tiny, small_disk):
+    out = small_disk / "run"  # room for best.pt and last.pt (173 MB each), not for a third
+    proc = train(tiny, out, "train.epochs=3", "train.batch_size=32", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "no space left" in err and str(out) in err and "Traceback" not in proc.stderr
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and (out / "best.pt").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=-0.1", "optim.lr"), ("optim.momentum=-1", "optim.momentum"), ("optim.weight_decay=-1e-4",
+                                                                              "optim.weight_decay"),
+    ("model.dropout=1.0", "model.dropout"), ("optim.lr_factor=1.0", "optim.lr_factor"), ("seed=-1", "seed"),
+    ("train.log_every=0", "train.log_every"), ("data.workers=-1", "data.workers"), ("data.crop=999", "data.crop"),
+    ("train.batch_size=100000", "train.batch_size"), ("data.mean=image", "data.mean"),
+    ("train.batch_size=0", "train.batch_size"), ("data.pca_std=-1", "data.pca_std"),
+])
+def test_config_values_out_of_range_are_refused_before_any_work(tiny, tmp_path, override, key):
+    t0 = time.monotonic()
+    proc = train(tiny, tmp_path / "run", override, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_out_dir_that_is_a_file(tiny, tmp_path):
+    (tmp_path / "f").write_text("x")
+    proc = train(tiny, tmp_path / "f", check=False)
+    assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
