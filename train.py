@@ -103,6 +103,7 @@ def main(argv=None):
     try:
         for epoch in range(epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)
+            skipped_before = len(train_loader.skipped)
             stats, step, totals, stopped = engine.train_one_epoch(
                 model, train_loader, normalize, optimizer, device=device, epoch=epoch, step=step, autocast=autocast,
                 log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every,
@@ -116,6 +117,8 @@ def main(argv=None):
             best = max(best, val["val_top1"])
             row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], **stats, **val,
                    "wall_time": time.time() - t_start}
+            for what in train_loader.skipped[skipped_before:]:
+                print(f"skipped corrupt record (data.skip_corrupt): {what}", file=sys.stderr, flush=True)
             if main_rank:
                 log.write(row)
                 print(f"epoch {epoch}: train loss {stats['train_loss']:.3f} top-1 {stats['train_top1']:.1%} | "
@@ -130,6 +133,11 @@ def main(argv=None):
     except engine.Diverged as exc:
         print(f"stopped: {exc}. The last good checkpoint is kept in {cfg.out_dir}.", file=sys.stderr)
         return 1
+    except fmt.FormatError as exc:
+        raise run.RunError(f"{exc}. To go on: python -m preprocess.verify {cfg.data.train} lists the damage; rebuild "
+                           "the split or restore the shard from a copy, then run the same command (it resumes from "
+                           "the last checkpoint); or set data.skip_corrupt=true to log and replace corrupt records"
+                           ) from None
     finally:
         stop.restore()
         if lock is not None:

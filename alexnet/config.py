@@ -25,6 +25,8 @@ class Data:
     std: bool = _f(False, "also divide by the per-channel std (not in the paper)")
     pca_std: float = _f(0.1, "sigma of the PCA colour shift's alpha (paper Sec. 4.1: 0.1); 0 turns it off")
     order: str = _f("random", "'random' (full shuffle) or 'sequential' (shard-local, for data larger than RAM)")
+    skip_corrupt: bool = _f(False, "replace a corrupt training record by another of its batch and log it, instead "
+                                   "of stopping (counted per epoch in metrics.jsonl as skipped_records)")
 
 
 @dataclass

@@ -47,12 +47,13 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
     correct = torch.zeros((), device=device)
     seen, wait, t0 = 0, 0.0, time.perf_counter()
     alone = distributed.world_size() == 1
-    stopped = False
+    stopped, skipped_before = False, len(loader.skipped)
 
     def current():
         return {"loss_sum": totals["loss_sum"] + loss_sum.item(), "correct": totals["correct"] + correct.item(),
                 "seen": totals["seen"] + seen, "wait": totals["wait"] + wait,
-                "elapsed": totals["elapsed"] + time.perf_counter() - t0}
+                "elapsed": totals["elapsed"] + time.perf_counter() - t0,
+                "skipped": totals.get("skipped", 0) + len(loader.skipped) - skipped_before}
 
     bar = tqdm(total=len(loader), initial=loader.position, desc=f"epoch {epoch}", disable=not show,
                dynamic_ncols=True, leave=False)
@@ -91,10 +92,11 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
         t_wait = time.perf_counter()
     bar.close()
     totals = current()
-    loss_total, correct_total, count = distributed.all_sum([totals["loss_sum"], totals["correct"], totals["seen"]],
-                                                           device)
+    loss_total, correct_total, count, skipped = distributed.all_sum(
+        [totals["loss_sum"], totals["correct"], totals["seen"], totals["skipped"]], device)
     stats = {"train_loss": loss_total / max(count, 1), "train_top1": correct_total / max(count, 1),
-             "images_per_s": count / max(totals["elapsed"], 1e-9), "data_wait": totals["wait"] / max(totals["elapsed"], 1e-9)}
+             "images_per_s": count / max(totals["elapsed"], 1e-9), "data_wait": totals["wait"] / max(totals["elapsed"], 1e-9),
+             "skipped_records": int(skipped)}
     return stats, step, totals, stopped
 
 

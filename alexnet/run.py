@@ -47,7 +47,8 @@ def data(cfg, rank, world_size, device=None):
     check_against_split(cfg, train_ds, world_size)
     per_rank = cfg.train.batch_size // world_size
     common = dict(workers=cfg.data.workers, crop=cfg.data.crop, rank=rank, world_size=world_size, device=device)
-    train = make_loader(train_ds, batch_size=per_rank, train=True, seed=cfg.seed, order=cfg.data.order, **common)
+    train = make_loader(train_ds, batch_size=per_rank, train=True, seed=cfg.seed, order=cfg.data.order,
+                        skip_corrupt=cfg.data.skip_corrupt, **common)
     val = make_loader(val_ds, batch_size=per_rank, train=False, **common)
     mean_image = fmt.read_mean_image(train_ds.root, train_ds.meta) if cfg.data.mean == "image" else None
     normalize = Normalize(train_ds.meta, pca_std=cfg.data.pca_std, mean=cfg.data.mean, std=cfg.data.std,

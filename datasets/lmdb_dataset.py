@@ -75,11 +75,12 @@ class LMDBDataset:
     def where(self, index):
         return f"{self.root}/{self.meta['shards'][self.shard_of(index)]['path']} record {index}"
 
-    def visit(self, indices, fn, *, copy=False):
+    def visit(self, indices, fn, *, copy=False, on_error=None):
         """Call ``fn(position, index, record)`` for each of ``indices``, in one read transaction per shard
         touched. With ``copy=False`` the record's ``image`` is a zero-copy view into the memory-mapped
         shard, valid only during the call: decode or copy what you need there. An exception from ``fn``
-        leaves with the record named (its ``record`` attribute, and a note)."""
+        leaves with the record named (its ``record`` attribute, and a note); a FormatError (a damaged record)
+        goes to ``on_error(position, index, exc)`` instead, when given, and the visit goes on."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             bad = indices[(indices < 0) | (indices >= len(self))][0]
@@ -105,7 +106,9 @@ class LMDBDataset:
                             exc.record = where
                             if where not in str(exc):
                                 exc.add_note(f"while reading {where}")
-                        raise
+                        if on_error is None or not isinstance(exc, fmt.FormatError):
+                            raise
+                        on_error(pos, i, exc)
 
     def records(self, indices):
         """Unpacked, crc-checked records for ``indices`` (images as bytes)."""

@@ -92,9 +92,11 @@ def augmentation(seed, epoch, rank, batch, count, size, crop, train, world_size=
     return tops[mine], lefts[mine], flips[mine]
 
 
-def fill_batch(dataset, indices, out, tops, lefts, flips):
+def fill_batch(dataset, indices, out, tops, lefts, flips, skip_corrupt=False):
     """Decode records ``indices`` and write their crops (flipped where asked) into ``out`` [B, crop, crop, 3];
-    returns their labels. Images are read in place from the memory-mapped shards: no copy but the crop."""
+    returns (labels, skipped). Images are read in place from the memory-mapped shards: no copy but the crop.
+    A corrupt record raises, naming it; with ``skip_corrupt`` it is replaced by another record of the batch
+    (image and label) and described in ``skipped``."""
     crop = out.shape[1]
     raw = dataset.encoding == "raw"
     labels = np.empty(len(indices), np.int64)
@@ -120,29 +122,38 @@ def fill_batch(dataset, indices, out, tops, lefts, flips):
             out[b] = patch
         labels[b] = rec["label"]
 
-    dataset.visit(indices, put)
-    return labels
+    bad = {}
+    dataset.visit(indices, put, on_error=(lambda b, i, exc: bad.__setitem__(b, str(exc))) if skip_corrupt else None)
+    if bad:
+        good = [b for b in range(len(indices)) if b not in bad]
+        if not good:
+            raise fmt.FormatError(f"every record of a batch is corrupt, e.g. {next(iter(bad.values()))}")
+        for j, b in enumerate(bad):
+            out[b], labels[b] = out[good[j % len(good)]], labels[good[j % len(good)]]
+    return labels, list(bad.values())
 
 
 class _Batches:
     """Batch k of a plan as (uint8 images [B, 3, crop, crop] channels-last, int64 labels [B]).
     A map-style dataset, so the processes backend can hand it to a DataLoader."""
 
-    def __init__(self, dataset, plan, *, crop, train, seed, epoch, rank, world_size, pin):
+    def __init__(self, dataset, plan, *, crop, train, seed, epoch, rank, world_size, pin, skip_corrupt=False):
         self.dataset, self.plan, self.crop, self.train = dataset, plan, crop, train
         self.seed, self.epoch, self.rank, self.world_size, self.pin = seed, epoch, rank, world_size, pin
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self):
         return len(self.plan)
 
     def fill(self, k, images, labels):
-        """Write batch k into ``images`` [>= B, crop, crop, 3] and ``labels``; returns its size B."""
+        """Write batch k into ``images`` [>= B, crop, crop, 3] and ``labels``; returns (its size B, the corrupt
+        records skipped)."""
         indices = self.plan[k]
         n = len(indices)
         tops, lefts, flips = augmentation(self.seed, self.epoch, self.rank, k, n, self.dataset.meta["size"],
                                           self.crop, self.train, self.world_size)
-        labels[:n] = fill_batch(self.dataset, indices, images[:n], tops, lefts, flips)
-        return n
+        labels[:n], skipped = fill_batch(self.dataset, indices, images[:n], tops, lefts, flips, self.skip_corrupt)
+        return n, skipped
 
     def __getitem__(self, k):
         shape = (len(self.plan[k]), self.crop, self.crop, 3)
@@ -150,22 +161,22 @@ class _Batches:
         images = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if self.pin else \
             torch.from_numpy(np.empty(shape, np.uint8))
         labels = np.empty(shape[0], np.int64)
-        self.fill(k, images.numpy(), labels)
-        return images.permute(0, 3, 1, 2), torch.from_numpy(labels)
+        _, skipped = self.fill(k, images.numpy(), labels)
+        return images.permute(0, 3, 1, 2), torch.from_numpy(labels), skipped
 
 
-def _epoch_batches(dataset, plan_args, crop, epoch):
+def _epoch_batches(dataset, plan_args, crop, skip_corrupt, epoch):
     """An epoch's batches, rebuilt inside a worker process (never pinned: no CUDA in a worker)."""
     plan = epoch_plan(dataset, epoch=epoch, **plan_args)
     return _Batches(dataset, plan, crop=crop, train=plan_args["train"], seed=plan_args["seed"], epoch=epoch,
-                    rank=plan_args["rank"], world_size=plan_args["world_size"], pin=False)
+                    rank=plan_args["rank"], world_size=plan_args["world_size"], pin=False, skip_corrupt=skip_corrupt)
 
 
 class Loader:
     """Iterable of (images, labels) batches for one rank; see ``make_loader``."""
 
     def __init__(self, dataset, *, batch_size, train, workers, seed, crop, rank, world_size, order, backend,
-                 prefetch, device=None, copier=None):
+                 prefetch, device=None, copier=None, skip_corrupt=False):
         size = dataset.meta["size"]
         if not 0 < crop <= size:
             raise ValueError(f"crop {crop} must be in 1..{size} (the split's size)")
@@ -186,6 +197,7 @@ class Loader:
         elif copier is None and self.device.type != "cpu":
             raise ValueError(f"device={device!r}: None, 'cpu' or a CUDA device")
         self.copier = copier
+        self.skip_corrupt, self.skipped = skip_corrupt, []  # descriptions of the corrupt records replaced
         self.dataset, self.batch_size, self.train, self.workers = dataset, batch_size, train, workers
         self.seed, self.crop, self.rank, self.world_size = seed, crop, rank, world_size
         self.order, self.backend, self.prefetch = order, backend, prefetch
@@ -229,7 +241,8 @@ class Loader:
 
     def _batches(self):
         return _Batches(self.dataset, self.plan(), crop=self.crop, train=self.train, seed=self.seed,
-                        epoch=self.epoch, rank=self.rank, world_size=self.world_size, pin=self.pin)
+                        epoch=self.epoch, rank=self.rank, world_size=self.world_size, pin=self.pin,
+                        skip_corrupt=self.skip_corrupt)
 
     def __iter__(self):
         batches = self._batches()
@@ -263,7 +276,7 @@ class Loader:
 
     def _threads(self, batches, start):
         if self.workers == 0:
-            yield from (batches[k] for k in range(start, len(batches)))
+            yield from (self._noted(*batches[k]) for k in range(start, len(batches)))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lmdb-loader")
@@ -276,7 +289,7 @@ class Loader:
                 while nxt < len(batches) and len(pending) < ahead:
                     pending.append(self._pool.submit(batches.__getitem__, nxt))
                     nxt += 1
-                yield pending.popleft().result()
+                yield self._noted(*pending.popleft().result())
         finally:
             for f in pending:
                 f.cancel()
@@ -290,7 +303,7 @@ class Loader:
             make_batches = functools.partial(
                 _epoch_batches, self.dataset, dict(batch_size=self.batch_size, train=self.train, seed=self.seed,
                                                    rank=self.rank, world_size=self.world_size, order=self.order),
-                self.crop)
+                self.crop, self.skip_corrupt)
             # slots: those being built ahead, the caller's current and previous batch, and the device stage's
             slots = self.workers * self.prefetch + 2 + (4 if self.copier is not None else 0)
             self._pool = ProcessPool(make_batches, workers=self.workers, slots=slots,
@@ -300,20 +313,24 @@ class Loader:
         run = self._pool.run(self.epoch, start, num_batches)
         try:
             for _ in range(start, num_batches):
-                yield _as_tensors(*next(run))  # no local keeps the batch (and its slot) once the caller drops it
+                yield self._noted(*_as_tensors(*next(run)))  # no local keeps the batch (and its slot) once dropped
         finally:
             run.close()
 
+    def _noted(self, images, labels, skipped):
+        self.skipped += skipped
+        return images, labels
 
-def _as_tensors(images, labels):
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+def _as_tensors(images, labels, skipped):
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels), skipped
 
 
 DEFAULT_BACKEND = "processes" if "fork" in multiprocessing.get_all_start_methods() else "threads"
 
 
 def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, world_size=1, order="random",
-                backend=DEFAULT_BACKEND, prefetch=2, device=None, copier=None):
+                backend=DEFAULT_BACKEND, prefetch=2, device=None, copier=None, skip_corrupt=False):
     """An iterable of ``(images, labels)``: ``images`` uint8 [B, 3, crop, crop] (RGB, channels-last memory),
     ``labels`` int64 [B], on ``device`` (None or "cpu": the host; a CUDA device: copied there ahead of use).
 
@@ -322,10 +339,12 @@ def make_loader(root, *, batch_size, train, workers, seed=0, crop=None, rank=0, 
     crop, in record order, every record exactly once. ``rank``/``world_size`` give each rank a disjoint
     share of every epoch, with the same number of batches. ``workers`` processes (or threads, with
     ``backend="threads"``; 0: the calling thread) build batches, ``prefetch`` each ahead. ``copier`` replaces
-    the CUDA copy (``datasets.device.Copier``: how tests hold a copy in flight).
+    the CUDA copy (``datasets.device.Copier``: how tests hold a copy in flight). ``skip_corrupt``: a corrupt
+    record is replaced by another of its batch and described in ``loader.skipped``, instead of raising.
     """
     dataset = root if isinstance(root, LMDBDataset) else LMDBDataset(root, readahead=order == "sequential")
     size = dataset.meta["size"]
     crop = crop or (size - 32 if size > 32 else size)
     return Loader(dataset, batch_size=batch_size, train=train, workers=workers, seed=seed, crop=crop, rank=rank,
-                  world_size=world_size, order=order, backend=backend, prefetch=prefetch, device=device, copier=copier)
+                  world_size=world_size, order=order, backend=backend, prefetch=prefetch, device=device, copier=copier,
+                  skip_corrupt=skip_corrupt)

@@ -63,7 +63,7 @@ def _worker_error(typename, message, record, tb, pid):
 
 def _worker(make_batches, images, labels, tasks, results, parent):
     """Build batches until told to stop or orphaned: task (generation, epoch, k, slot) -> result
-    (generation, k, slot, n, error)."""
+    (generation, k, slot, (n, skipped records), error)."""
     results.cancel_join_thread()  # never block exit on a result nobody will read
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # a scheduler signals the whole job: the trainer decides, workers follow
@@ -82,8 +82,7 @@ def _worker(make_batches, images, labels, tasks, results, parent):
             if epoch not in cached:
                 cached.clear()
                 cached[epoch] = make_batches(epoch)
-            n = cached[epoch].fill(k, images[slot], labels[slot])
-            results.put((generation, k, slot, n, None))
+            results.put((generation, k, slot, cached[epoch].fill(k, images[slot], labels[slot]), None))
         except Exception as exc:  # raised again in the trainer, with the record and this traceback
             error = (type(exc).__name__, str(exc), getattr(exc, "record", None), traceback.format_exc(), os.getpid())
             results.put((generation, k, slot, 0, error))
@@ -203,7 +202,7 @@ class ProcessPool:
             return r
 
     def run(self, epoch, start, stop):
-        """Yield (images [n, crop, crop, 3] uint8 array, labels) for batches start..stop-1 of ``epoch``, in order.
+        """Yield (images [n, crop, crop, 3] uint8 array, labels, skipped) for batches start..stop-1 of ``epoch``.
         Starting another ``run`` ends this one: its slots go back once its workers report."""
         if self.closed:
             raise RuntimeError("the loader's worker pool is closed")
@@ -238,17 +237,18 @@ class ProcessPool:
                         ready[r_k] = (None, error)
                     else:
                         ready[r_k] = (slot, n)
-                slot, n = ready.pop(k)
+                slot, filled = ready.pop(k)
                 if slot is None:
-                    raise _worker_error(*n)
+                    raise _worker_error(*filled)
+                n, skipped = filled
                 labels = self.labels[slot][:n].copy()
                 if not self._free and not self._in_flight and not ready:
                     # the caller holds every other slot: copy out, so that this one can build the next batch
                     images = self.images[slot][:n].copy()
                     self._release(slot)
-                    yield images, labels
+                    yield images, labels, skipped
                 else:
-                    yield self._lease(slot, n), labels
+                    yield self._lease(slot, n), labels, skipped
         finally:
             for slot, _ in ready.values():
                 if slot is not None:

@@ -177,3 +177,33 @@ def test_out_dir_that_is_a_file(tiny, tmp_path):
     (tmp_path / "f").write_text("x")
     proc = train(tiny, tmp_path / "f", check=False)
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _corrupt(tiny, tmp_path):
+    import shutil
+
+    import lmdb
+    import msgpack
+    root = tmp_path / "train"
+    shutil.copytree(tiny / "train", root)
+    env = lmdb.open(str(root / "shard-00000"), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        key = (37).to_bytes(8, "big")
+        rec = msgpack.unpackb(txn.get(key))
+        rec["crc32"] ^= 1
+        txn.put(key, msgpack.packb(rec))
+    env.close()
+    return root, rec["source"]
+
+
+def test_a_corrupt_record_mid_epoch_says_how_to_go_on_or_is_skipped_when_asked(tiny, tmp_path):
+    root, source = _corrupt(tiny, tmp_path)
+    common = [f"data.train={root}", "train.epochs=1", "train.batch_size=32"]
+    proc = train(tiny, tmp_path / "stop", *common, check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert "shard-00000 record 37" in err and source in err and "preprocess.verify" in err and "skip_corrupt" in err
+    proc = train(tiny, tmp_path / "skip", *common, "data.skip_corrupt=true")
+    assert "skipped corrupt record (data.skip_corrupt)" in proc.stderr and "record 37" in proc.stderr
+    from alexnet.run import read_log
+    assert read_log(tmp_path / "skip")[0]["skipped_records"] == 1

@@ -148,13 +148,13 @@ class _Numbered:
     def fill(self, k, images, labels):
         images[:] = k
         labels[:] = k
-        return len(labels)
+        return len(labels), []
 
 
 def test_the_slot_comes_back_when_the_event_completes():
     pool = ProcessPool(lambda epoch: _Numbered(), workers=1, slots=6, batch_shape=(2, 4, 4, 3))
     copier = DeferredCopier()
-    host = ((torch.from_numpy(x), torch.from_numpy(y)) for x, y in pool.run(0, 0, 3))
+    host = ((torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in pool.run(0, 0, 3))
     device = to_device(host, copier, ahead=2, in_flight=2)
     next(device)  # batches 0-2 read from the pool, 0 handed over, no copy complete
     gc.collect()

@@ -139,7 +139,7 @@ def _pool(registrar):
         def fill(self, k, images, labels):
             images[:] = k
             labels[:] = k
-            return len(labels)
+            return len(labels), []
     return ProcessPool(lambda epoch: Batches(), workers=1, slots=4, batch_shape=(2, 4, 4, 3), registrar=registrar)
 
 
@@ -147,7 +147,7 @@ def test_page_locking_registers_every_slot_and_close_unregisters_them():
     reg = _Registrar()
     pool = _pool(reg)
     assert pool.pinned and len(reg.registered) == 4
-    assert [int(x[0, 0, 0, 0]) for x, _ in pool.run(0, 0, 3)] == [0, 1, 2]
+    assert [int(x[0, 0, 0, 0]) for x, *_ in pool.run(0, 0, 3)] == [0, 1, 2]
     pool.close()
     pool.close()
     assert not reg.registered
@@ -158,7 +158,7 @@ def test_a_failed_page_lock_leaves_nothing_registered_and_no_error_pending():
     with pytest.warns(RuntimeWarning, match="page-lock"):
         pool = _pool(reg)
     assert not pool.pinned and not reg.registered and reg.cleared == 1
-    assert [int(x[0, 0, 0, 0]) for x, _ in pool.run(0, 0, 3)] == [0, 1, 2]
+    assert [int(x[0, 0, 0, 0]) for x, *_ in pool.run(0, 0, 3)] == [0, 1, 2]
     pool.close()
 
 
