@@ -43,8 +43,12 @@ def preview(root, out, *, count=16, columns=4, crop=None, pca_std=0.1, seed=0, c
                         f"(pca_std {pca_std})", (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     grid = np.vstack([header, grid])
     with atomic_path(out) as tmp:
-        if not cv2.imwrite(tmp, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{out}: cannot write (is the extension an image format, e.g. .png?)")
+        try:
+            written = cv2.imwrite(tmp, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        except cv2.error:
+            written = False
+        if not written:
+            raise ValueError(f"--out {out}: cannot write an image there (use an image extension, e.g. .png)")
     return grid.shape
 
 

@@ -265,13 +265,16 @@ def _publish(tmp, out, lock, overwrite):
             shutil.rmtree(old)
 
 
-def _write_error(tmp, exc):
-    """A BuildError for a failed write: 'no space left' when that is what happened, and how to go on."""
+def _write_error(tmp, exc, done=0, total=0):
+    """A BuildError for a failed write: 'no space left' when that is what happened, with the bytes still
+    needed (estimated from the ``done`` of ``total`` inputs written so far), and how to go on."""
     free = shutil.disk_usage(tmp).free if os.path.isdir(tmp) else None
     if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or (free is not None and
                                                                                      free < (64 << 20)):
-        return BuildError(f"{tmp}: no space left on the device ({free} bytes free; {exc}); free some space, then "
-                          "run the same command with --resume")
+        used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+        need = f"; about {used / done * (total - done) / 2**20:.0f} MiB more are needed" if 0 < done < total else ""
+        return BuildError(f"{tmp}: no space left on the device ({free} bytes free{need}; {exc}); free some space, "
+                          "then run the same command with --resume")
     return BuildError(f"{tmp}: writing failed ({exc}); fix the cause, then run the same command with --resume")
 
 
@@ -423,7 +426,7 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
             bar.update(len(idx))
         writer.close()
     except (lmdb.Error, OSError) as exc:
-        raise _write_error(tmp, exc) from None
+        raise _write_error(tmp, exc, writer.position, n) from None
     finally:
         cv2.setNumThreads(cv_threads)
         bar.close()

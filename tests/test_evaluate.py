@@ -1,5 +1,6 @@
 """evaluate.py against independent computations: hand-sliced ten crops, hand normalisation, hand top-k."""
 import json
+import os
 import subprocess
 import sys
 
@@ -111,3 +112,25 @@ def test_output_paths_and_numbers_are_checked_before_the_evaluation(trained, tmp
                           (["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1")):
         proc = evaluate("--checkpoint", trained / "last.pt", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "images/s" not in proc.stdout, proc.stderr
+
+
+def test_save_probs_on_a_full_disk_says_so_and_leaves_nothing(trained, tiny, tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        with open(mnt / "filler", "wb") as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+            except OSError:
+                pass
+        proc = evaluate("--checkpoint", trained / "last.pt", "--data", tiny / "val", "--save-probs", mnt / "p.h5",
+                        check=False)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and "no space left" in err and "p.h5" in err and "Traceback" not in err, err
+        assert sorted(os.listdir(mnt)) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -220,7 +220,7 @@ def test_a_full_disk_says_so_and_resume_finishes_once_there_is_room(tmp_path, rn
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"{out}.partial" in err and "no space left" in err and "--resume" in err
+    assert f"{out}.partial" in err and "no space left" in err and "--resume" in err and "MiB more are needed" in err
     subprocess.run(["mount", "-o", "remount,size=16M", str(small_disk)], check=True)
     run_cli("preprocess.build_lmdb", big, out, "--size", 64, "--encoding", "raw", "--workers", 1, "--resume",
             "--quiet")
