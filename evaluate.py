@@ -26,7 +26,8 @@ def report(name, probs, labels, classes, *, crops, models, images_per_s, per_cla
     speed = f", {images_per_s:.0f} images/s" if images_per_s else ""
     print(f"{len(labels)} images, {crops} crop{'s' if crops > 1 else ''}, {models} model{'s' if models > 1 else ''}{speed}")
     if per_class_csv:
-        with fmt.atomic_path(per_class_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        with evaluation.written(per_class_csv), fmt.atomic_path(per_class_csv) as tmp, \
+                open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["class", "images", "top1_accuracy"])
             w.writerows(evaluation.per_class_accuracy(probs, labels, classes))

@@ -1,5 +1,6 @@
 """The paper's test (Sec. 4.1, 6): softmax over the centre crop or the ten patches, averaged over patches and
 over the networks of an ensemble; top-k error; saved probabilities that combine without running a model."""
+import contextlib
 import os
 
 import h5py
@@ -8,7 +9,7 @@ import torch
 
 from alexnet import checkpoint, config, run
 from alexnet.checkpoint import CheckpointError
-from datasets import Normalize, format as fmt, ten_crop
+from datasets import Normalize, cli, format as fmt, ten_crop
 
 MAX_CROPS_PER_FORWARD = 256  # bounds ten-crop memory whatever the batch size
 
@@ -90,7 +91,7 @@ def per_class_accuracy(probs, labels, classes):
 
 def save_probs(path, probs, labels, classes, checkpoints, identity, crops):
     """HDF5: probs (N×C float32), labels, class names, the checkpoints used, and the split's identity."""
-    with fmt.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with written(path), fmt.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("probs", data=probs.astype(np.float32), compression="gzip")
         f["labels"] = labels.astype(np.int64)
         f["classes"] = np.array(classes, dtype=h5py.string_dtype())
@@ -98,6 +99,15 @@ def save_probs(path, probs, labels, classes, checkpoints, identity, crops):
         f.attrs["split"] = identity["split"]
         f.attrs["split_digest"] = identity["digest"]
         f.attrs["crops"] = crops
+
+
+@contextlib.contextmanager
+def written(path):
+    """An OSError while writing ``path`` (a full disk: HDF5 and csv name no file) becomes one naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise EvaluationError(f"{path}: {cli.explain(exc)}") from None
 
 
 def load_probs(path):

@@ -252,21 +252,7 @@ def test_a_slot_goes_back_only_after_the_wait_for_its_copy_returns(coded_split):
 
 def test_close_mid_iteration_waits_for_the_copies_before_unregistering(coded_split, monkeypatch):
     import datasets.loader as loader_module
-
-    class Registrar:
-        def __init__(self):
-            self.registered = set()
-
-        def register(self, ptr, nbytes):
-            self.registered.add(ptr)
-            return 0
-
-        def unregister(self, ptr):
-            self.registered.remove(ptr)
-            return 0
-
-        def clear_error(self):
-            pass
+    from tests.datasets.test_worker_pool import _Registrar as Registrar
 
     monkeypatch.setattr(loader_module, "CudaRegistrar", Registrar)
     loader = make_loader(coded_split[0], batch_size=8, train=True, workers=2, crop=CROP, seed=7, device="cuda:0",
