@@ -45,6 +45,8 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--no-lrn", dest="lrn", action="store_false")
     args = p.parse_args(argv)
+    if args.image_size > 4096:
+        raise ValueError(f"--image-size {args.image_size}: at most 4096 (the paper's is 224)")
     model = AlexNet(args.num_classes, image_size=args.image_size, groups=args.groups, lrn=args.lrn)
     rows = layer_table(model, args.image_size)
     print(f"AlexNet, {args.image_size}x{args.image_size} input, groups={args.groups}, {args.num_classes} classes\n")

@@ -18,6 +18,8 @@ from datasets.transforms import pca_lighting
 
 def preview(root, out, *, count=16, columns=4, crop=None, pca_std=0.1, seed=0, cell=160):
     loader = make_loader(root, batch_size=count, train=True, workers=0, seed=seed, crop=crop)
+    if count > len(loader.dataset):
+        raise ValueError(f"--count {count}: {root} has {len(loader.dataset)} records")
     images, labels = next(iter(loader))
     meta = loader.meta
     generator = torch.Generator().manual_seed(seed)
