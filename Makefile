@@ -38,6 +38,7 @@ bench: deps
 	$(PY) -m bench.model
 	$(PY) -m bench.train_step
 	$(PY) -m bench.evaluate
+	$(PY) -m bench.preemption
 
 # The GPU machine has torch but neither lmdb nor zlib-ng, and no registry: wheels for its Python 3.12, fetched
 # here into .wheels/ (git-ignored), travel with `carry` (docs/BENCHMARKS.md, "GPU checks").
