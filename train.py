@@ -24,6 +24,7 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help="key.sub=value, overriding the file (e.g. optim.lr=0.02)")
     p.add_argument("--fresh", action="store_true", help="start over: move an existing OUT aside (never deleted)")
     args = p.parse_args(argv)
+    stop = run.Preemption()  # from the start: SIGTERM / SIGUSR1 stop at the first step, saved, exit PREEMPTED_EXIT
     cfg = config.load(args.config, args.overrides)
     resolved = config.to_dict(cfg)
     device = run.pick_device(cfg.train.device)
@@ -65,6 +66,7 @@ def main(argv=None):
         checkpoint.set_rng_state(ckpt["rng"], rank, world_size, device)
         epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         totals = ckpt.get("epoch_totals")
+        totals = totals[rank] if isinstance(totals, list) and len(totals) == world_size else None
         if best > 0 and not os.path.exists(best_path):
             print(f"warning: {best_path} is missing though {last} records a best val top-1 of {best:.1%} (a run "
                   "stopped between the two writes by an older version); it is written again at the next epoch",
@@ -87,6 +89,8 @@ def main(argv=None):
 
     def save(path, next_epoch, epoch_totals=None):
         rng = {**checkpoint.rng_state(), **checkpoint.rank_rng_states(device)}
+        if epoch_totals is not None:  # every rank's own sums (its share of the epoch), restored per rank
+            epoch_totals = distributed.gather_dicts(epoch_totals, device)
         if main_rank:
             checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
@@ -98,7 +102,6 @@ def main(argv=None):
         step = at_step
         save(last, epoch, epoch_totals)
 
-    stop = run.Preemption()  # SIGTERM / SIGUSR1: finish the step, save, exit PREEMPTED_EXIT
     t_start = time.time()
     try:
         for epoch in range(epoch, cfg.train.epochs):

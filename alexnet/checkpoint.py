@@ -74,8 +74,9 @@ def save(path, **contents):
             torch.save(contents, f)
     except (OSError, RuntimeError) as exc:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "write failed" in str(exc) \
-                or "unexpected pos" in str(exc) or free < (256 << 20):
+        # torch's writer reports ENOSPC as a RuntimeError ("... write failed", "unexpected pos"): call it a full
+        # disk only when the disk is nearly full, so that another failure (an interrupt) keeps its own message
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < (256 << 20):
             raise CheckpointError(f"{path}: no space left on the device ({free / 2**20:.0f} MiB free); the previous "
                                   f"{os.path.basename(path)} is intact. Free some space and run the same command: it "
                                   "resumes from the last checkpoint") from None

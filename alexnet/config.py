@@ -5,6 +5,7 @@ keys and wrong types are errors naming the key (and the nearest valid one).
 """
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -153,6 +154,8 @@ def validate(cfg):
     for key, (lo, hi, lo_open, hi_open) in RANGES.items():
         section, name = key.split(".") if "." in key else (None, key)
         value = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value}; allowed {_range_text(lo, hi, lo_open, hi_open)}, a finite number")
         if (value < lo or (lo_open and value == lo)) if lo is not None else False:
             raise ConfigError(f"{key}: {value}; allowed {_range_text(lo, hi, lo_open, hi_open)}")
         if (value > hi or (hi_open and value == hi)) if hi is not None else False:
@@ -161,7 +164,8 @@ def validate(cfg):
 
 # key: (lowest, highest, lowest excluded, highest excluded); None: unbounded. Checked at start, before any work.
 RANGES = {
-    "data.crop": (1, None, False, False), "data.workers": (0, None, False, False),
+    "data.crop": (63, None, False, False),  # the network's smallest input (alexnet/model.py)
+    "data.workers": (0, 512, False, False),
     "data.pca_std": (0, None, False, False),
     "model.dropout": (0, 1, False, True),
     "train.epochs": (1, None, False, False), "train.batch_size": (1, None, False, False),
@@ -169,7 +173,7 @@ RANGES = {
     "optim.lr": (0, None, True, False), "optim.momentum": (0, 1, False, True),
     "optim.weight_decay": (0, None, False, False), "optim.lr_factor": (0, 1, True, True),
     "optim.patience": (0, None, False, False), "optim.min_lr": (0, None, False, False),
-    "seed": (0, None, False, False),
+    "seed": (0, 2**32 - 1, False, False),  # numpy's seeds are 32-bit
 }
 
 

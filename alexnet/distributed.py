@@ -54,6 +54,13 @@ def gather(tensor, device):
     return [o.cpu() for o in out]
 
 
+def gather_dicts(numbers, device):
+    """Every rank's dict of numbers (same keys on all ranks), as a list indexed by rank, on every rank."""
+    keys = sorted(numbers)
+    rows = gather(torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64), device)
+    return [dict(zip(keys, row.tolist())) for row in rows]
+
+
 def same_on_all_ranks(model):
     """True when every rank holds bit-identical parameters (a checksum of each, compared across ranks)."""
     if not (dist.is_available() and dist.is_initialized()):

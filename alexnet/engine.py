@@ -43,14 +43,16 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
     model.train()
     normalize.train()
     totals = dict(totals or new_totals())
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    # float64 accumulators that start from the sums carried in a checkpoint: a resumed epoch adds the same
+    # numbers in the same order as an uninterrupted one, so its metrics match to the last bit
+    loss_sum = torch.tensor(float(totals["loss_sum"]), dtype=torch.float64, device=device)
+    correct = torch.tensor(float(totals["correct"]), dtype=torch.float64, device=device)
     seen, wait, t0 = 0, 0.0, time.perf_counter()
     alone = distributed.world_size() == 1
     stopped, skipped_before = False, len(loader.skipped)
 
     def current():
-        return {"loss_sum": totals["loss_sum"] + loss_sum.item(), "correct": totals["correct"] + correct.item(),
+        return {"loss_sum": loss_sum.item(), "correct": correct.item(),
                 "seen": totals["seen"] + seen, "wait": totals["wait"] + wait,
                 "elapsed": totals["elapsed"] + time.perf_counter() - t0,
                 "skipped": totals.get("skipped", 0) + len(loader.skipped) - skipped_before}
@@ -67,7 +69,7 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
         loss.backward()
         optimizer.step()
         step += 1
-        loss_sum += loss.detach() * len(labels)
+        loss_sum += loss.detach().double() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
         last_step = loader.position == len(loader)

@@ -105,9 +105,12 @@ def prepare_out_dir(out_dir, fresh):
     Returns the held lock."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunError(f"out_dir {out_dir} is a file; choose a folder")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.access(out_dir if os.path.isdir(out_dir) else parent, os.W_OK):
-        raise RunError(f"out_dir {out_dir} is not writable; choose another out_dir")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):  # the nearest folder that exists: the rest is created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise RunError(f"out_dir {out_dir} cannot be created or written ({existing} is not a writable folder); "
+                       "choose another out_dir")
     if fresh and os.path.exists(out_dir):
         lock = _lock_run(out_dir)  # never move a folder another trainer is writing
         aside = f"{out_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -162,15 +162,15 @@ def test_a_failed_page_lock_leaves_nothing_registered_and_no_error_pending():
     pool.close()
 
 
-def test_sequential_order_opens_the_shards_with_readahead(tmp_path, coded_split):
+def test_sequential_order_opens_the_shards_with_readahead(tmp_path, tiny):
     """train.py with data.order=sequential: the training split's environments really read ahead."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
         from alexnet import config, run
         from datasets import lmdb_dataset
-        cfg = config.load("configs/demo.yaml", ["data.train={coded_split[0]}", "data.val={coded_split[0]}",
-                                                "data.order=sequential", "data.crop=8", "data.workers=0"])
+        cfg = config.load("configs/demo.yaml", ["data.train={tiny / 'train'}", "data.val={tiny / 'train'}",
+                                                "data.order=sequential", "data.workers=0"])
         train, val, _ = run.data(cfg, 0, 1)
         next(iter(train))
         print(train.dataset.readahead, sorted({{env.flags()["readahead"] for env in lmdb_dataset._envs.values()}}))
