@@ -12,6 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# Bit-identical comparisons of training runs need the same arithmetic in every process: a fixed thread count, and
+# MKL kept from choosing its own thread count or code path per call (its results may otherwise vary run to run).
+DETERMINISTIC = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "COMPATIBLE"}
+
+
 def run_cli(*args, check=True, timeout=300):
     """Run ``python -m MODULE ARGS`` from the repository root; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import DETERMINISTIC, ROOT
 from tests.test_train import train, weights
 
 COMMON = ["train.epochs=2", "train.batch_size=32", "train.log_every=4"]  # 9 steps an epoch on the tiny split
@@ -22,15 +22,15 @@ def faulty(tiny, out, *extra, env=None, timeout=600, ranks=None):
     if ranks:
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                 *args[1:]]
-    threads = {"OMP_NUM_THREADS": "1"} if ranks else {}  # as torchrun sets it; one process keeps train()'s threads
+    threads = {**DETERMINISTIC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if ranks else DETERMINISTIC
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **threads, **(env or {})})
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, context=""):
     wa, wb = weights(a), weights(b)
     for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
+        assert torch.equal(wa[key], wb[key]), (key, context)
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_sigterm_at_a_random_step_then_restart_equals_an_uninterrupted_run(tiny,
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
     resumed = train(tiny, out, *COMMON)
     assert "RESUMING" in resumed.stdout, (at, time.monotonic() - t0)
-    assert_same_weights(tmp_path / "whole" / "last.pt", out / "last.pt")
+    assert_same_weights(tmp_path / "whole" / "last.pt", out / "last.pt", f"signal at step {at}")
     from alexnet.run import read_log
     whole, cut = read_log(tmp_path / "whole"), read_log(out)
     assert [r["epoch"] for r in cut] == [0, 1]

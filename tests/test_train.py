@@ -11,13 +11,14 @@ import torch
 from alexnet.model import AlexNet
 from preprocess.build_lmdb import build
 from preprocess.make_demo import make_demo
-from tests.conftest import ROOT
+from tests.conftest import DETERMINISTIC, ROOT
 
 
 def train(tiny, out, *extra, check=True, timeout=600):
     args = [sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
             f"data.val={tiny / 'val'}", f"out_dir={out}", *map(str, extra)]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **DETERMINISTIC})
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -70,7 +71,8 @@ def test_kill9_and_resume_give_the_same_weights(tiny, tmp_path):
     last = out / "last.pt"
     for _ in range(2):  # killed twice: mid-epoch, then again after resuming
         before = last.stat().st_mtime_ns if last.exists() else None
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **DETERMINISTIC})
         _wait_for_new(last, before, proc)
         time.sleep(0.3)
         os.kill(proc.pid, signal.SIGKILL)
