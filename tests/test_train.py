@@ -53,36 +53,30 @@ def test_demo_config_learns_the_tiny_split(tiny, tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
 
-def _wait_for_new(path, before, proc, deadline=300):
-    end = time.monotonic() + deadline
-    while not (path.exists() and path.stat().st_mtime_ns != before):
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < end
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_kill9_and_resume_give_the_same_weights(tiny, tmp_path):
+    """kill -9 twice (after a random step of the first run, then after a random number of steps of the resumed
+    one), then a restart: the weights of an uninterrupted run, bit for bit. The kills land right after an
+    optimizer step (tests/faults.py), between two periodic checkpoints or on one."""
+    import numpy as np
     common = ["train.epochs=2", "train.batch_size=32", "train.checkpoint_every=2", "train.log_every=1"]
     train(tiny, tmp_path / "whole", *common)
     out = tmp_path / "cut"
-    cmd = [sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "faults.py"), "configs/demo.yaml", f"data.train={tiny / 'train'}",
            f"data.val={tiny / 'val'}", f"out_dir={out}", *common]
-    last = out / "last.pt"
-    for _ in range(2):  # killed twice: mid-epoch, then again after resuming
-        before = last.stat().st_mtime_ns if last.exists() else None
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, **DETERMINISTIC})
-        _wait_for_new(last, before, proc)
-        time.sleep(0.3)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rng = np.random.default_rng(int(time.time()))
+    kills = [int(rng.integers(2, 9)), int(rng.integers(3, 9))]
+    for at in kills:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **DETERMINISTIC, "FAULT_SIGNAL_AT_STEP": str(at), "FAULT_SIGNAL": "KILL"})
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resumed = subprocess.run(cmd[:1] + ["train.py"] + cmd[2:], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, **DETERMINISTIC})
     assert resumed.returncode == 0, resumed.stderr
     assert "RESUMING" in resumed.stdout
-    a, b = weights(tmp_path / "whole" / "last.pt"), weights(last)
+    a, b = weights(tmp_path / "whole" / "last.pt"), weights(out / "last.pt")
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], b[key]), (key, kills)
 
 
 @pytest.mark.slow
