@@ -235,7 +235,7 @@ def _check_meta(meta, path):
         return FormatError(f"{path}: field {field} {what}; the file is damaged or not written by "
                            "preprocess.build_lmdb: rebuild the split")
 
-    if not isinstance(meta["size"], int) or isinstance(meta["size"], bool) or meta["size"] < 1:
+    if not _count(meta["size"]) or meta["size"] < 1:
         raise bad("size", f"is {meta['size']!r}, expected a positive integer")
     if meta["encoding"] not in ENCODINGS:
         raise bad("encoding", f"is {meta['encoding']!r}, expected one of {', '.join(ENCODINGS)}")
@@ -300,6 +300,6 @@ def open_shard(path, *, write=False, map_size=1 << 30, readahead=False):
     have = os.path.getsize(data)
     if have < need:
         env.close()
-        raise FormatError(f"{path}/data.mdb: {have} bytes, but its LMDB pages need {need}: the file is truncated "
+        raise FormatError(f"{data}: {have} bytes, but its LMDB pages need {need}: the file is truncated "
                           "(a copy that did not finish, a full disk); restore the shard or rebuild the split")
     return env

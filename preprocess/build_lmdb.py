@@ -28,7 +28,7 @@ from tqdm import tqdm
 from datasets import cli, format as fmt
 from datasets.lock import FolderLock, LockedError
 from preprocess import image_ops
-from preprocess.sources import FORMATS, MissingFile, SourceError, open_source
+from preprocess.sources import FORMATS, MissingFile, SourceError, inside, open_source
 from preprocess.stats import PixelStats
 
 PLAN_FILE = "plan.json"
@@ -211,19 +211,15 @@ def _truncate(tmp, progress):
         env.close()
 
 
-def _inside(path, folder):
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _check_apart(src, out, tmp):
     """OUT (and OUT.partial) and SRC must not contain one another: a rebuild would delete its own input."""
     rs, ro, rt = os.path.realpath(src), os.path.realpath(out), os.path.realpath(tmp)
     if ro == rs:
         raise BuildError(f"OUT {ro} is SRC {rs}: the build would replace its own input; choose an OUT elsewhere")
     for o in (ro, rt):
-        if os.path.isdir(rs) and _inside(o, rs):
+        if os.path.isdir(rs) and inside(o, rs):
             raise BuildError(f"OUT {ro} is inside SRC {rs}: choose an OUT outside the images")
-        if _inside(rs, o):
+        if inside(rs, o):
             raise BuildError(f"SRC {rs} is inside OUT {ro}: a rebuild would delete it; choose another OUT")
 
 

@@ -119,16 +119,17 @@ def _walk_links(top, rel_top, real_src, seen, skipped):
     return [os.path.join(d, f) for d, f in sorted(found)]
 
 
-def _inside(path, folder):
+def inside(path, folder):
+    """``path`` is ``folder`` or below it (both real paths)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _link_problem(path, real_src, seen):
     """Why the link at ``path`` must not be followed, or None."""
     target = os.path.realpath(path)
-    if _inside(real_src, target):
+    if inside(real_src, target):
         return f"to {target}, which holds SRC (a loop)"
-    if _inside(target, real_src):
+    if inside(target, real_src):
         return f"to {os.path.relpath(target, real_src)} inside SRC, read where it is"
     try:
         st = os.stat(path)
@@ -150,7 +151,7 @@ def image_folder(src, class_map=None):
     real_src = os.path.realpath(src)
     for c in classes:
         target = os.path.realpath(os.path.join(src, c))
-        if os.path.islink(os.path.join(src, c)) and (_inside(target, real_src) or _inside(real_src, target)):
+        if os.path.islink(os.path.join(src, c)) and (inside(target, real_src) or inside(real_src, target)):
             raise SourceError(f"{os.path.join(src, c)}: class folder is a link to {target}, inside SRC or holding "
                               "it: its images would be packed twice or under two labels; remove the link")
     seen, paths, labels, skipped = {}, [], [], []

@@ -66,5 +66,25 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """mount(size): a tmpfs of that size under tmp_path, where the test may mount one (root, Linux); the test is
+    skipped elsewhere. Unmounted at the end."""
+    mounted = []
+
+    def mount(size):
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a small filesystem here")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)

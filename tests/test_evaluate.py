@@ -114,17 +114,11 @@ def test_output_paths_and_numbers_are_checked_before_the_evaluation(trained, tmp
         assert proc.returncode == 2 and message in proc.stderr and "images/s" not in proc.stdout, proc.stderr
 
 
-def test_save_probs_on_a_full_disk_says_so_and_leaves_nothing(trained, tiny, tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small filesystem here")
-    try:
-        subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=4096"], capture_output=True)  # to the last byte
-        proc = evaluate("--checkpoint", trained / "last.pt", "--data", tiny / "val", "--save-probs", mnt / "p.h5",
-                        check=False)
-        err = proc.stderr.strip()
-        assert proc.returncode == 2 and "no space left" in err and "p.h5" in err and "Traceback" not in err, err
-        assert sorted(os.listdir(mnt)) == ["filler"]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def test_save_probs_on_a_full_disk_says_so_and_leaves_nothing(trained, tiny, small_disk):
+    mnt = small_disk("64k")
+    subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=4096"], capture_output=True)  # to the last byte
+    proc = evaluate("--checkpoint", trained / "last.pt", "--data", tiny / "val", "--save-probs", mnt / "p.h5",
+                    check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "no space left" in err and "p.h5" in err and "Traceback" not in err, err
+    assert sorted(os.listdir(mnt)) == ["filler"]

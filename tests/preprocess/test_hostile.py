@@ -200,28 +200,19 @@ def test_resume_of_a_finished_split_says_it_is_complete(src, tmp_path):
     assert "complete" in proc.stdout + proc.stderr and snapshot(out) == before
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs where the test may mount one (root, Linux); skipped elsewhere."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small filesystem here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
 
 def test_a_full_disk_says_so_and_resume_finishes_once_there_is_room(tmp_path, rng, small_disk):
+    disk = small_disk("2M")
     big = tmp_path / "big"
     write_image_folder(str(big), ["x", "y"], 120, rng, size=(96, 96))
-    out = small_disk / "out"
+    out = disk / "out"
     proc = run_cli("preprocess.build_lmdb", big, out, "--size", 64, "--encoding", "raw", "--workers", 1,
                    "--commit-every", 8, "--quiet", check=False)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{out}.partial" in err and "no space left" in err and "--resume" in err and "MiB more are needed" in err
-    subprocess.run(["mount", "-o", "remount,size=16M", str(small_disk)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=16M", str(disk)], check=True)
     run_cli("preprocess.build_lmdb", big, out, "--size", 64, "--encoding", "raw", "--workers", 1, "--resume",
             "--quiet")
     meta, records = read_plain(out)
