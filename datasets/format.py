@@ -1,8 +1,10 @@
 """The on-disk format of a packed split: the one definition the builder and the reader share.
 
 A split is a directory holding ``meta.json`` and one or more LMDB environments (shards).
-Each record's key is its global index as an 8-byte big-endian unsigned integer, so a cursor
-walks records in index order; its value is a msgpack map (see ``pack_record``). Nothing is
+Record i of shard k (counting from 0 within the shard) has the key ``first_key + i`` as an 8-byte
+big-endian unsigned integer, so a cursor walks records in index order; ``first_key`` is the shard's
+(version 2), or the number of records before the shard (version 1, where keys are global indices; a
+merged split keeps its parts' keys, so version 2 names them). Its value is a msgpack map (``pack_record``). Nothing is
 pickled: a split from a stranger is safe to open. ``docs/FORMAT.md`` is the prose version.
 """
 import contextlib
@@ -17,7 +19,8 @@ import numpy as np
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32, ~6x faster than the standard library's here
 
 FORMAT = "alexnet-lmdb"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 MEAN_IMAGE_FILE = "mean_image.npy"
 ENCODINGS = ("jpeg", "png", "raw")
@@ -205,9 +208,10 @@ def read_meta(root):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                           f"expected {FORMAT!r}")
-    if type(meta.get("version")) is not int or meta["version"] != VERSION:
-        raise FormatError(f"{path}: version {meta.get('version')!r}, this code reads version {VERSION}; "
-                          "rebuild the split with this version of preprocess.build_lmdb")
+    if type(meta.get("version")) is not int or meta["version"] not in READ_VERSIONS:
+        raise FormatError(f"{path}: version {meta.get('version')!r}, this code reads versions "
+                          f"{', '.join(map(str, READ_VERSIONS))}; rebuild the split with this version of "
+                          "preprocess.build_lmdb, or update this project")
     missing = [k for k in META_FIELDS if k not in meta]
     if missing:
         raise FormatError(f"{path}: missing field(s) {', '.join(missing)}")
@@ -261,10 +265,21 @@ def _check_meta(meta, path):
         n = shard.get("num_records")
         if not _count(n):
             raise bad(f"shards[{k}].num_records", f"is {n!r}, expected a count")
+        if meta["version"] >= 2 and not _count(shard.get("first_key")):
+            raise bad(f"shards[{k}].first_key", f"is {shard.get('first_key')!r}, expected a count")
+    if len({s["path"] for s in shards}) != len(shards):
+        raise bad("shards", "names a shard twice")
     total = sum(s["num_records"] for s in shards)
     if meta["num_records"] != total:
         raise FormatError(f"{path}: num_records {meta['num_records']!r}, but its shards list {total} records; "
                           "the file is damaged: rebuild the split")
+
+
+def first_keys(meta):
+    """The key of each shard's first record: version 2 stores it, version 1 numbers records globally."""
+    if meta["version"] >= 2:
+        return [s["first_key"] for s in meta["shards"]]
+    return np.cumsum([0] + [s["num_records"] for s in meta["shards"]])[:-1].tolist()
 
 
 def read_mean_image(root, meta):

@@ -59,6 +59,7 @@ class LMDBDataset:
                 raise fmt.FormatError(f"{p}: shard directory is missing (meta.json lists it); "
                                       "restore it or rebuild the split")
         self.offsets = np.cumsum([0] + [s["num_records"] for s in self.meta["shards"]])
+        self.first_keys = fmt.first_keys(self.meta)
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -88,12 +89,13 @@ class LMDBDataset:
         shards = np.searchsorted(self.offsets, indices, side="right") - 1
         for s in np.unique(shards):
             env = shared_env(self.paths[s], readahead=self.readahead)
+            key_offset = self.first_keys[s] - int(self.offsets[s])
             with env.begin(buffers=True) as txn:
                 for pos in np.flatnonzero(shards == s):
                     i = int(indices[pos])
                     where = f"{self.paths[s]} record {i}"
                     try:
-                        value = txn.get(fmt.encode_key(i))
+                        value = txn.get(fmt.encode_key(i + key_offset))
                     except lmdb.Error as exc:
                         raise fmt.FormatError(f"{where}: LMDB reports '{exc}': the shard is damaged; restore it or "
                                               "rebuild the split") from None

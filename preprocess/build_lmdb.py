@@ -28,10 +28,12 @@ from tqdm import tqdm
 from datasets import cli, format as fmt
 from datasets.lock import FolderLock, LockedError
 from preprocess import image_ops
-from preprocess.sources import FORMATS, MissingFile, SourceError, inside, open_source
+from preprocess.imagenet_labels import read_class_names
+from preprocess.sources import FORMATS, MissingFile, Part, SourceError, inside, open_source
 from preprocess.stats import PixelStats
 
 PLAN_FILE = "plan.json"
+IMAGE_SUM_FILE = "image_sum.npy"  # a part's exact per-pixel sums (int64), so merged parts' mean image is exact
 PROGRESS_FILE = "progress.msgpack"
 SHARD_BYTES = 1 << 30
 CHUNK = 32  # images per task handed to a worker
@@ -306,8 +308,10 @@ def default_workers():
 def build(src, out, *, format=None, root=None, split="train", h5_images="images", h5_labels="labels",
           size=256, encoding="jpeg", quality=90, shards=None, workers=None, seed=0, shuffle=True,
           exact=False, mean_image=False, classes_from=None, strict=False, max_pixels=178_956_970,
-          resume=False, overwrite=False, quiet=False, commit_every=2048, map_size=None, allow_outside_root=False):
-    """Build the split OUT from SRC; returns the summary (also printed unless ``quiet``)."""
+          resume=False, overwrite=False, quiet=False, commit_every=2048, map_size=None, allow_outside_root=False,
+          labels=None, class_names=None, part=None, parts=None):
+    """Build the split OUT from SRC (with ``parts``, only its ``part``-th share: ``sources.Part``); returns
+    the summary (also printed unless ``quiet``)."""
     t0 = time.monotonic()
     out = os.path.abspath(out.rstrip("/"))
     tmp = out + ".partial"
@@ -320,6 +324,10 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
             raise BuildError(f"{name} {value}: must be at least 1")
     if not 1 <= quality <= 100:
         raise BuildError(f"--quality {quality}: must be in 1..100")
+    if (part is None) != (parts is None):
+        raise BuildError("--part I and --parts K go together (the I-th of K shares, I from 0)")
+    if parts is not None and not 0 <= part < parts:
+        raise BuildError(f"--part {part}: must be in 0..{parts - 1} for --parts {parts}")
     out_kind = _existing(out)
     if out_kind == "split" and resume and not os.path.lexists(tmp):
         meta = fmt.read_meta(out)
@@ -333,23 +341,40 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
                          "or move it away yourself")
     if os.path.lexists(tmp) and not os.path.isdir(tmp):
         raise BuildError(f"{tmp} exists and is not a folder; the build writes there: move it away")
-    classes = None
+    classes, names = None, {}
     if classes_from is not None:
         try:
-            classes = fmt.read_meta(classes_from)["classes"]
+            other = fmt.read_meta(classes_from)
         except fmt.FormatError as exc:
             raise BuildError(f"--classes-from: {exc}") from None
+        classes = other["classes"]
+        names = dict(zip(classes, other.get("class_names") or []))
     source = open_source(src, fmt=format, root=root, split=split, h5_images=h5_images, h5_labels=h5_labels,
-                         classes=classes, allow_outside_root=allow_outside_root)
+                         classes=classes, allow_outside_root=allow_outside_root, labels=labels,
+                         workers=workers or default_workers())
+    names.update(getattr(source, "class_names", None) or {})
+    if class_names is not None:
+        names.update(read_class_names(class_names))
+    named = [names.get(c) for c in source.classes]
+    if names and None in named:
+        source.warnings.append({"source": class_names or labels or classes_from, "reason": f"no name for "
+                                f"{named.count(None)} of {len(named)} classes (e.g. {source.classes[named.index(None)]})"
+                                "; they are named by their class"})
     for w in source.warnings:  # even with --quiet: they are problems in the input
         print(f"warning: {w['source']}: {w['reason']}", file=sys.stderr)
+    if parts is not None:
+        if len(source) < parts:
+            raise BuildError(f"--parts {parts}: SRC has only {len(source)} inputs; use at most that many parts")
+        source = Part(source, part, parts)
     n = len(source)
     opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
     est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
     num_shards = max(1, min(n, shards or -(-int(est) // SHARD_BYTES)))
     params = {**asdict(opts), "source": os.path.abspath(src), "format": format, "root": root, "split": split,
               "h5_images": h5_images, "h5_labels": h5_labels, "shards": num_shards, "seed": seed,
-              "shuffle": shuffle, "classes": source.classes}
+              "shuffle": shuffle, "classes": source.classes, "part": part, "parts": parts,
+              "labels": labels and os.path.abspath(labels),
+              "class_names": [c if m is None else m for c, m in zip(source.classes, named)] if names else None}
     plan = {"params": params, "digest": source.digest(), "num_items": n}
 
     lock = BuildLock(tmp, out)
@@ -436,14 +461,17 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
     summary = writer.total.summary()
     meta = {
         "format": fmt.FORMAT, "version": fmt.VERSION, "num_records": num_records, "classes": source.classes,
+        **({"class_names": params["class_names"]} if params["class_names"] else {}),
         "size": size, "encoding": encoding, "quality": opts.quality, **summary,
-        "shards": [{"path": fmt.shard_name(s), "num_records": c, "stats": st.to_dict()}
-                   for s, (c, st) in enumerate(zip(writer.counts, writer.shards))],
+        "shards": [{"path": fmt.shard_name(s), "num_records": c, "first_key": sum(writer.counts[:s]),
+                    "stats": st.to_dict()} for s, (c, st) in enumerate(zip(writer.counts, writer.shards))],
         "skipped": writer.skipped,
         "warnings": source.warnings,
         "mean_image": fmt.MEAN_IMAGE_FILE if mean_image else None,
         "stats": writer.total.to_dict(),
-        "build": {k: v for k, v in params.items() if k != "classes"} | {
+        **({"part": source.describe() | {"image_sum": IMAGE_SUM_FILE if mean_image else None}}
+           if isinstance(source, Part) else {}),
+        "build": {k: v for k, v in params.items() if k not in ("classes", "class_names")} | {
             "workers": workers, "elapsed_s": round(time.monotonic() - t0, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
@@ -453,6 +481,9 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
         if mean_image:
             with fmt.atomic_path(os.path.join(tmp, fmt.MEAN_IMAGE_FILE)) as path, open(path, "wb") as f:
                 np.save(f, writer.total.mean_image(), allow_pickle=False)
+            if isinstance(source, Part):
+                with fmt.atomic_path(os.path.join(tmp, IMAGE_SUM_FILE)) as path, open(path, "wb") as f:
+                    np.save(f, writer.total.image_sum, allow_pickle=False)
         fmt.write_json_atomic(os.path.join(tmp, fmt.META_FILE), meta)
     except OSError as exc:
         raise _write_error(tmp, exc) from None
@@ -480,13 +511,14 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m preprocess.build_lmdb", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("src", help="ImageFolder directory, list file, HDF5 file or CIFAR binary directory")
+    p.add_argument("src", help="ImageFolder directory, flat image folder with --labels, list file, HDF5 file, CIFAR "
+                               "binary directory, or a tar of any of the image kinds (ILSVRC2012_img_train.tar)")
     p.add_argument("out", help="output split directory (created; only a packed split is ever replaced, and only "
                                "with --overwrite)")
     g = p.add_argument_group("source")
     g.add_argument("--format", choices=FORMATS, help="force the source format instead of detecting it")
-    g.add_argument("--root", help="list files: directory the listed paths are relative to "
-                                  "(default: the list file's directory)")
+    g.add_argument("--root", help="list files: directory the listed paths are relative to (default: the list "
+                                  "file's directory); tars: the folder inside the archive to read")
     g.add_argument("--split", choices=("train", "test"), default="train", help="CIFAR: which files to pack")
     g.add_argument("--h5-images", default="images", help="HDF5: the N×H×W×3 uint8 RGB dataset")
     g.add_argument("--h5-labels", default="labels", help="HDF5: the N integer labels dataset")
@@ -494,6 +526,11 @@ def parse_args(argv=None):
                                                                     "(refused by default)")
     g.add_argument("--classes-from", metavar="OTHER_OUT", help="use the class list of an already packed split "
                                                              "(val takes train's label indices)")
+    g.add_argument("--labels", metavar="FILE", help="labels of a flat folder or tar of images: Kaggle's "
+                                                    "LOC_val_solution.csv, or the devkit's "
+                                                    "ILSVRC2012_validation_ground_truth.txt with meta.mat beside it")
+    g.add_argument("--class-names", metavar="FILE", help="human-readable class names for meta.json: "
+                                                         "LOC_synset_mapping.txt or the devkit's meta.mat")
     g = p.add_argument_group("images")
     g.add_argument("--size", type=int, default=256, help="shorter side, then centre crop, in pixels")
     g.add_argument("--exact", action="store_true", help="full decode and area resampling; no DCT-domain "
@@ -509,6 +546,11 @@ def parse_args(argv=None):
     g.add_argument("--mean-image", action="store_true", help="also store the per-pixel mean image")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, help="processes (default: all cores)")
+    g.add_argument("--part", type=int, help="build only the I-th share (from 0) of --parts K into OUT, for "
+                                            "preprocess.merge (default with --parts: the Slurm array task, "
+                                            "or a Kubernetes indexed Job's JOB_COMPLETION_INDEX)")
+    g.add_argument("--parts", type=int, nargs="?", const=-1, help="how many shares SRC is split into (given without "
+                                                                  "a number: SLURM_ARRAY_TASK_COUNT)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT (a finished one: "
                                                          "nothing to do)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing packed split OUT (or discard an "
@@ -519,9 +561,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def part_from_env(part, parts, env=os.environ):
+    """``--part``/``--parts``, defaulting to the Slurm array (task IDs need not start at 0) or a Kubernetes
+    indexed Job; a default that cannot be found is an error naming the variable."""
+    if parts == -1:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise BuildError("--parts without a number takes SLURM_ARRAY_TASK_COUNT, which is not set; give --parts K")
+        parts = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if parts is not None and part is None:
+        if "SLURM_ARRAY_TASK_ID" in env:
+            part = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        elif "JOB_COMPLETION_INDEX" in env:
+            part = int(env["JOB_COMPLETION_INDEX"])
+        else:
+            raise BuildError(f"--parts {parts} without --part: give --part I, or run it as a Slurm array task "
+                             "(SLURM_ARRAY_TASK_ID) or a Kubernetes indexed Job (JOB_COMPLETION_INDEX)")
+    return part, parts
+
+
 def main(argv=None):
     args = vars(parse_args(argv))
     src, out = args.pop("src"), args.pop("out")
+    args["part"], args["parts"] = part_from_env(args["part"], args["parts"])
     try:
         build(src, out, **args)
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Where images come from: an ImageFolder tree, a Caffe-style list file, an HDF5 file, or CIFAR binaries.
+"""Where images come from: an ImageFolder tree, a flat folder with a labels file, a Caffe-style list file,
+an HDF5 file, CIFAR binaries, or a tar archive of any of the image kinds (``preprocess/tar_source.py``).
 
 Every source has ``classes`` (names; index = label), ``len()``, ``label(i)``, ``name(i)`` (the record's
 ``source`` field: a relative path, or an input index for array sources), ``digest()`` (changes when the
@@ -16,7 +17,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff",
                     ".webp", ".gif")
-FORMATS = ("imagefolder", "list", "hdf5", "cifar")
+FORMATS = ("imagefolder", "list", "hdf5", "cifar", "tar")
 
 
 class SourceError(ValueError):
@@ -172,6 +173,19 @@ def image_folder(src, class_map=None):
     return FileSource(src, paths, labels, classes, skipped=skipped)
 
 
+def labelled_folder(src, labels, class_map=None):
+    """Images anywhere under ``src`` (ImageFolder's walk), each labelled by its file name through ``labels``
+    (``preprocess.imagenet_labels.ImageLabels``): ImageNet's flat validation folder."""
+    skipped = []
+    paths = _walk_links(src, "", os.path.realpath(src), {}, skipped)
+    if not paths:
+        raise SourceError(f"{src}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    names = [labels.class_of(p, src) for p in paths]
+    classes = labels.classes(class_map)
+    index = {c: i for i, c in enumerate(classes)}
+    return FileSource(src, paths, [index[c] for c in names], classes, skipped=skipped)
+
+
 def _check_labels(labels, classes, where, line_of=None):
     """Integer labels must index ``classes`` (or, without a class list, be >= 0 and few enough to name classes
     '0'..'K-1': a label of 99999999999 is a typo, not 10^11 classes). ``line_of(i)`` names input i's line."""
@@ -254,7 +268,7 @@ def _what_binary(path):
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return "a PNG image"
     if head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
-        return "a tar or gzip archive: unpack it first"
+        return "a tar or gzip archive: pass --format tar"
     return "binary data"
 
 
@@ -385,30 +399,95 @@ class CifarSource:
             yield np.ascontiguousarray(row[-3072:].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+class Part:
+    """The ``index``-th of ``count`` shares of a source: inputs ``[index·N // count, (index+1)·N // count)`` of
+    its listing, a rule that needs nothing but N, so parts built anywhere are disjoint and cover every input.
+    What listing found (skipped links, warnings) belongs to part 0, so the parts' union is the whole."""
+
+    def __init__(self, source, index, count):
+        n = len(source)
+        self.source, self.index, self.count, self.total = source, index, count, n
+        self.start, self.stop = index * n // count, (index + 1) * n // count
+        self.classes = source.classes
+        self.class_names = getattr(source, "class_names", None)
+        self.skipped = source.skipped if index == 0 else []
+        self.warnings = source.warnings if index == 0 else []
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def label(self, i):
+        return self.source.label(self.start + i)
+
+    def name(self, i):
+        return self.source.name(self.start + i)
+
+    def digest(self):
+        return _digest(self.source.digest(), self.index, self.count)
+
+    def load(self, indices):
+        return self.source.load([self.start + i for i in indices])
+
+    def describe(self):
+        """The ``part`` field of the part's meta.json."""
+        return {"index": self.index, "count": self.count, "inputs": [self.start, self.stop], "of": self.total,
+                "digest": self.source.digest()}
+
+
 def detect(src):
-    """The source format of SRC: a CIFAR directory, an ImageFolder directory, an HDF5 file or a list file."""
+    """The source format of SRC: a CIFAR directory, an ImageFolder directory, an HDF5 file, a tar (plain or
+    gzip-compressed) or a list file."""
     if os.path.isdir(src):
         names = os.listdir(src)
         if any(n.startswith("data_batch_") or n in ("test_batch.bin", "train.bin", "test.bin") for n in names):
             return "cifar"
         return "imagefolder"
     with open(src, "rb") as f:
-        return "hdf5" if f.read(8) == b"\x89HDF\r\n\x1a\n" else "list"
+        head = f.read(512)
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        return "hdf5"
+    if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+        return "tar"
+    return "list"
 
 
 def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", h5_labels="labels",
-                classes=None, allow_outside_root=False):
-    """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space."""
+                classes=None, allow_outside_root=False, labels=None, workers=1):
+    """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space; ``labels`` (a
+    path) labels a flat folder or tar of images by file name; ``workers`` list a tar's inner tars."""
     if not os.path.exists(src):
         raise SourceError(f"{src}: no such file or directory")
     if not (os.path.isdir(src) or os.path.isfile(src)):  # a FIFO would block the first read forever
         raise SourceError(f"{src}: neither a folder nor a regular file; SRC is an ImageFolder directory, a list file, "
-                          "an HDF5 file or a CIFAR binary directory")
+                          "an HDF5 file, a CIFAR binary directory or a tar archive")
     fmt = fmt or detect(src)
+    class_map = None if classes is None else {c: i for i, c in enumerate(classes)}
+    if labels is not None:
+        if fmt not in ("imagefolder", "tar"):
+            raise SourceError(f"--labels {labels}: only for a flat folder or tar of images, not a {fmt} source")
+        from preprocess.imagenet_labels import read_labels
+        labels = read_labels(labels)
+    if fmt == "tar":
+        from preprocess.tar_source import list_tar
+        source = list_tar(src, root=root, labels=labels, class_map=class_map, workers=workers)
+    elif fmt == "imagefolder" and labels is not None:
+        if not os.path.isdir(src):
+            raise SourceError(f"{src}: --format imagefolder needs a directory")
+        source = labelled_folder(src, labels, class_map)
+    else:
+        source = None
+    if source is not None:
+        if labels is not None:
+            source.class_names = labels.names
+            unused = labels.unused()
+            if unused:
+                source.warnings.append({"source": labels.path, "reason": f"{len(unused)} labelled image(s) are not "
+                                                                         f"in {src} (e.g. {unused[0]})"})
+        return source
     if fmt == "imagefolder":
         if not os.path.isdir(src):
             raise SourceError(f"{src}: --format imagefolder needs a directory")
-        return image_folder(src, None if classes is None else {c: i for i, c in enumerate(classes)})
+        return image_folder(src, class_map)
     if fmt == "list":
         return list_file(src, root, classes, allow_outside_root)
     if fmt == "hdf5":

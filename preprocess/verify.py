@@ -82,11 +82,12 @@ def verify(root, *, quiet=False, on_shard=None):
     total = meta["num_records"]  # read_meta checked that the shards add up to it
     index = 0
     with tqdm(total=total, unit="rec", disable=quiet, file=sys.stderr) as bar:
-        for shard in meta["shards"]:
+        for shard, first_key in zip(meta["shards"], fmt.first_keys(meta)):
             path = os.path.join(root, shard["path"])
             if on_shard is not None:
                 on_shard(path)
             env = fmt.open_shard(path, readahead=True)
+            sum_before = index
             try:
                 entries = env.stat()["entries"]
                 if entries != shard["num_records"]:
@@ -94,8 +95,9 @@ def verify(root, *, quiet=False, on_shard=None):
                 with env.begin() as txn:
                     for key, value in _records(txn, path, index):
                         where = f"{shard['path']} record {index}"
-                        if len(key) != 8 or fmt.decode_key(key) != index:
-                            raise VerifyError(f"{where}: key is {bytes(key)[:16].hex()}, expected {index} as 8 "
+                        expected = first_key + index - sum_before
+                        if len(key) != 8 or fmt.decode_key(key) != expected:
+                            raise VerifyError(f"{where}: key is {bytes(key)[:16].hex()}, expected {expected} as 8 "
                                               "big-endian bytes; the shard is damaged")
                         rec = fmt.unpack_record(value, where=where)
                         if tuple(rec["shape"]) != image_shape:

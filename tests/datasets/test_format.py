@@ -61,7 +61,7 @@ def test_read_meta_rejects_other_formats_and_versions(tmp_path):
     with pytest.raises(fmt.FormatError, match="meta.json: missing"):
         fmt.read_meta(tmp_path)
     base = {k: None for k in fmt.META_FIELDS} | {"format": fmt.FORMAT, "version": fmt.VERSION}
-    for change, message in (({"format": "ffcv"}, "format is 'ffcv'"), ({"version": 2}, "version 2"),
+    for change, message in (({"format": "ffcv"}, "format is 'ffcv'"), ({"version": 3}, "version 3"),
                             ({"classes": "drop"}, "missing field")):
         meta = {**base, **change}
         if change.get("classes") == "drop":

@@ -65,7 +65,7 @@ def test_image_folder_build_reads_back_plainly(folder, tmp_path):
     out = tmp_path / "out"
     run_cli("preprocess.build_lmdb", src, out, "--size", 32, "--encoding", "raw", "--workers", 2, "--quiet")
     meta, records = read_plain(out)
-    assert meta["format"] == "alexnet-lmdb" and meta["version"] == 1
+    assert meta["format"] == "alexnet-lmdb" and meta["version"] == 2
     assert meta["classes"] == ["bird", "cat", "dog"] and meta["num_records"] == 15
     assert meta["size"] == 32 and meta["encoding"] == "raw" and meta["skipped"] == []
     assert [s["path"] for s in meta["shards"]] == ["shard-00000"]

@@ -41,7 +41,7 @@ def test_flipped_byte_is_caught_and_named(split):
     ("mean", "mean_rgb"),
     ("count", "num_records 13"),
     ("shard", "shard directory is missing"),
-    ("version", "version 2"),
+    ("version", "version 3"),
 ])
 def test_damaged_meta_or_shards_fail(split, damage, message):
     meta = json.loads((split / "meta.json").read_text())
@@ -50,7 +50,7 @@ def test_damaged_meta_or_shards_fail(split, damage, message):
     elif damage == "count":
         meta["num_records"] = 13
     elif damage == "version":
-        meta["version"] = 2
+        meta["version"] = 3
     else:
         shutil.rmtree(split / "shard-00000")
     (split / "meta.json").write_text(json.dumps(meta))

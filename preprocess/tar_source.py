@@ -1,0 +1,225 @@
+"""Images read in place from a tar archive, nothing extracted: ILSVRC-2012's train tar (one inner tar per
+class, ``nXXXXXXXX.tar``), its flat val tar, or any tar of ``CLASS/…/image`` paths.
+
+Listing reads only the headers (the inner tars' in parallel); each image is then one ``os.pread`` of its
+bytes at their offset in the archive, so workers read any record in any order, from one open file each.
+A tar build and a build of the same images extracted to folders give the same labels, sources and order:
+classes are sorted as ImageFolder sorts folders, an inner tar ``C.tar`` is the folder ``C``, and images
+are sorted by (folder, name) within a class.
+"""
+import io
+import multiprocessing
+import os
+import tarfile
+
+from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, SourceError, _digest
+
+TAR_END = 1024  # two zero blocks end a tar; writers pad to 10240-byte records
+
+
+def is_tar(path):
+    """True for an uncompressed (POSIX, GNU) tar file."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+class _Window(io.RawIOBase):
+    """``size`` bytes of an open file from ``offset``, read with pread: an inner tar as a file of its own."""
+
+    def __init__(self, fd, offset, size):
+        self.fd, self.offset, self.size, self.pos = fd, offset, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.size - self.pos))
+        data = os.pread(self.fd, n, self.offset + self.pos)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, pos, whence=0):
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.size + pos
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+
+def _clean(name):
+    """A member name as a relative path ('./a/b' and '/a/b' are 'a/b'), or None when it leaves the archive."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return None if ".." in parts else "/".join(parts)
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(path, offset, size, where):
+    """The members of the tar at ``offset`` (``size`` bytes) of ``path`` as (name, TarInfo), and a problem
+    (the archive ends early, or holds data that is no tar header) or None."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        window = _Window(fd, offset, size)
+        try:
+            tf = tarfile.open(fileobj=window, mode="r:")
+        except tarfile.ReadError as exc:
+            raise SourceError(f"{where}: not a readable tar archive ({exc})") from None
+        members, problem = [], None
+        while True:
+            try:
+                m = tf.next()
+            except tarfile.ReadError as exc:
+                problem = f"the archive ends early ({exc}): it was cut short"
+                break
+            if m is None:
+                break
+            members.append(m)
+        end = max([m.offset_data + m.size for m in members], default=0)
+        rest = size - ((end + 511) // 512 * 512)
+        last = f" after {members[-1].name}" if members else ""
+        if problem is None and rest < TAR_END:
+            problem = "no end-of-archive marker: the archive was cut short"
+        elif problem is None and (rest > 20 * 512 or any(os.pread(fd, min(rest, 20 * 512), offset + size - rest))):
+            problem = "data that is not a tar header: the archive is damaged"
+        return members, (f"{problem}; members{last} are missing" if problem else None)
+    finally:
+        os.close(fd)
+
+
+def _scan_inner(args):
+    path, offset, size, where = args
+    members, problem = _scan(path, offset, size, where)
+    return [(m.name, m.offset_data, m.size, m.isfile(), m.issparse()) for m in members], problem
+
+
+class TarSource(FileSource):
+    """Image members of one tar: ``paths`` are their names as if extracted, ``spans`` their (offset, size)
+    in the archive."""
+
+    def __init__(self, archive, paths, spans, labels, classes, skipped=(), warnings=()):
+        super().__init__(archive, paths, labels, classes, skipped, warnings)
+        self.archive, self.spans, self._fd = archive, spans, None
+
+    def digest(self):
+        return _digest(os.path.basename(self.archive), self.paths, self.spans, self.labels, self.classes)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None}
+
+    def load(self, indices):
+        if self._fd is None:
+            self._fd = os.open(self.archive, os.O_RDONLY)
+        for i in indices:
+            offset, size = self.spans[i]
+            data = os.pread(self._fd, size, offset)
+            if len(data) < size:
+                yield MissingFile("truncated", f"the archive ends {size - len(data)} bytes into this "
+                                               f"{size}-byte member")
+            else:
+                yield data
+
+
+def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1):
+    """A TarSource for ``archive``: top-level ``C.tar`` members are classes (ILSVRC-2012's train tar),
+    ``C/…/image`` members are images of class C, and top-level images take their class from ``labels``
+    (``preprocess.imagenet_labels``: the image's name without extension -> class). ``root`` is the folder
+    inside the archive to read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive)."""
+    if is_gzip(archive):
+        raise SourceError(f"{archive}: a gzip-compressed tar; images are read in place, which needs random "
+                          "access: decompress it once (gunzip -k, or pigz -dk, gives a .tar of about the same size, "
+                          "since JPEGs do not compress) and pass the .tar")
+    prefix = _clean(root) + "/" if root and _clean(root) else ""
+    size = os.path.getsize(archive)
+    outer, problem = _scan(archive, 0, size, archive)
+    skipped, warnings, found, inner, inner_classes = [], [], {}, [], []
+    if problem:
+        warnings.append({"source": archive, "reason": problem})
+
+    def add(name, offset, length, isfile, sparse, where):
+        rel = _clean(name)
+        if rel is None:
+            skipped.append({"source": f"{where}{name}", "reason": "member name leaves the archive ('..'); not read"})
+            return
+        if not rel.startswith(prefix) or not _is_image(rel):
+            return
+        rel = rel[len(prefix):]
+        if not isfile or sparse:
+            skipped.append({"source": rel, "reason": "not a regular file in the archive (a link, device or sparse "
+                                                     "file); not followed"})
+            return
+        if rel in found:
+            warnings.append({"source": rel, "reason": "in the archive twice; the later copy is packed, as tar "
+                                                      "would extract it"})
+        found[rel] = (offset, length)
+
+    for m in outer:
+        rel = _clean(m.name)
+        if m.isfile() and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix:
+            inner.append((archive, m.offset_data, m.size, f"{archive}:{rel}"))
+            inner_classes.append(rel[:-4])
+        else:
+            add(m.name, m.offset_data, m.size, m.isfile(), m.issparse(), "")
+    if inner:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(inner))) if workers > 1 else _Serial() as pool:
+            scans = pool.map(_scan_inner, inner, chunksize=4)
+            for (_, offset, _, where), cls, (members, problem) in zip(inner, inner_classes, scans):
+                if problem:
+                    warnings.append({"source": where, "reason": problem})
+                for name, off, length, isfile, sparse in members:
+                    add(f"{cls}/{name}", offset + off, length, isfile, sparse, f"{where}:")
+    flat = sorted(r for r in found if "/" not in r)
+    classes = sorted({r.split("/", 1)[0] for r in found if "/" in r and not r.startswith(".")})
+    if flat and labels is None:
+        raise SourceError(f"{archive}: {len(flat)} image(s) at the top level{' of ' + root if prefix else ''} "
+                          f"(e.g. {flat[0]}) have no class folder; give their labels with --labels FILE "
+                          "(LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt)")
+    if flat and classes:
+        raise SourceError(f"{archive}: both class folders (e.g. {classes[0]}) and top-level images (e.g. "
+                          f"{flat[0]}); pack one kind at a time, choosing it with --root")
+    if not found:
+        raise SourceError(f"{archive}: no image members{' under ' + root if prefix else ''} "
+                          f"({', '.join(IMAGE_EXTENSIONS)})")
+    if flat:
+        paths = flat
+        names = [labels.class_of(p, archive) for p in paths]
+        classes = labels.classes(class_map)
+        index = {c: i for i, c in enumerate(classes)}
+        lab = [index[c] for c in names]
+    else:
+        if class_map is not None:
+            for c in classes:
+                if c not in class_map:
+                    raise SourceError(f"{archive}: class {c!r} is not among the --classes-from split's "
+                                      f"{len(class_map)} classes")
+        index = class_map if class_map is not None else {c: i for i, c in enumerate(classes)}
+        paths = sorted((r for r in found if not r.startswith(".")),
+                       key=lambda r: (r.split("/", 1)[0], os.path.dirname(r), os.path.basename(r)))
+        lab = [index[p.split("/", 1)[0]] for p in paths]
+        if class_map is not None:
+            classes = sorted(class_map, key=class_map.get)
+    return TarSource(archive, paths, [found[p] for p in paths], lab, classes, skipped, warnings)
+
+
+class _Serial:
+    """``Pool.map`` in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return list(map(fn, items))
