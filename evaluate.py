@@ -20,7 +20,7 @@ from alexnet.run import RunError, open_split, pick_device
 from datasets import cli, format as fmt, make_loader
 
 
-def report(name, probs, labels, classes, *, crops, models, images_per_s, per_class_csv, as_json):
+def report(name, probs, labels, classes, *, crops, models, images_per_s, per_class_csv, as_json, class_names=None):
     top1, top5 = evaluation.topk_error(probs, labels, 1), evaluation.topk_error(probs, labels, min(5, len(classes)))
     print(f"| model | top-1 error | top-5 error |\n|---|---|---|\n| {name} | {100 * top1:.2f}% | {100 * top5:.2f}% |")
     speed = f", {images_per_s:.0f} images/s" if images_per_s else ""
@@ -29,8 +29,13 @@ def report(name, probs, labels, classes, *, crops, models, images_per_s, per_cla
         with evaluation.written(per_class_csv), fmt.atomic_path(per_class_csv) as tmp, \
                 open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["class", "images", "top1_accuracy"])
-            w.writerows(evaluation.per_class_accuracy(probs, labels, classes))
+            rows = evaluation.per_class_accuracy(probs, labels, classes)
+            if class_names:  # the split's human-readable names (meta.json's class_names), last
+                w.writerow(["class", "images", "top1_accuracy", "name"])
+                w.writerows(row + (n,) for row, n in zip(rows, class_names))
+            else:
+                w.writerow(["class", "images", "top1_accuracy"])
+                w.writerows(rows)
         print(f"per-class accuracy: {per_class_csv}")
     if as_json:
         print(json.dumps({"top1_error": top1, "top5_error": top5, "images": int(len(labels)), "crops": crops,
@@ -108,7 +113,7 @@ def main(argv=None):
                                               f"per-class-{'tencrop' if args.tencrop else 'centre'}.csv")
     name = os.path.basename(paths[0]) if len(paths) == 1 else f"ensemble of {len(paths)}"
     report(name, probs, labels, dataset.classes, crops=crops, models=len(paths), images_per_s=images_per_s,
-           per_class_csv=csv_path, as_json=args.json)
+           per_class_csv=csv_path, as_json=args.json, class_names=dataset.meta.get("class_names"))
     return 0
 
 

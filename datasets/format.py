@@ -247,6 +247,10 @@ def _check_meta(meta, path):
         raise bad("classes", "is not a non-empty list of names")
     if len(set(meta["classes"])) != len(meta["classes"]):
         raise bad("classes", "names a class twice")
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(meta["classes"]) or
+                              not all(isinstance(c, str) for c in names)):
+        raise bad("class_names", f"is not a list of {len(meta['classes'])} names, one per class")
     if not _count(meta["num_records"]):
         raise bad("num_records", f"is {meta['num_records']!r}, expected a count")
     name = meta.get("mean_image")

@@ -12,6 +12,8 @@ import csv
 import os
 import re
 
+import numpy as np
+
 from preprocess.sources import SourceError
 
 META_MAT = "meta.mat"
@@ -30,7 +32,7 @@ def read_meta_mat(path):
         raise SourceError(f"{path}: reading the devkit's meta.mat needs SciPy: pip install scipy (or "
                           "pip install 'alexnet-lmdb[imagenet]'); or use Kaggle's LOC_val_solution.csv") from None
     try:
-        synsets = loadmat(path, squeeze_me=True)["synsets"]
+        synsets = np.atleast_1d(loadmat(path, squeeze_me=True)["synsets"])
         rows = [(int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"]), int(s["num_children"])) for s in synsets]
     except Exception as exc:  # scipy raises many kinds for a file that is not a MAT file
         raise SourceError(f"{path}: not the devkit's meta.mat (a 'synsets' struct with ILSVRC2012_ID, WNID, words "

@@ -20,16 +20,18 @@ from tests.preprocess.test_sources import write_cifar10
 
 
 def read_plain(root):
-    """(meta, [records]) read with nothing but json, lmdb and msgpack, checking keys and crc32 on the way."""
+    """(meta, [records]) read with nothing but json, lmdb and msgpack, checking keys (docs/FORMAT.md) and crc32 on
+    the way."""
     with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     records, index = [], 0
     for shard in meta["shards"]:
         env = lmdb.open(os.path.join(root, shard["path"]), readonly=True, lock=False)
+        key_offset = shard["first_key"] - index if meta["version"] >= 2 else 0  # version 1: keys are indices
         with env.begin() as txn:
             assert txn.stat()["entries"] == shard["num_records"]
             for key, value in txn.cursor():
-                assert key == index.to_bytes(8, "big")
+                assert key == (index + key_offset).to_bytes(8, "big")
                 rec = msgpack.unpackb(value)
                 assert zlib.crc32(rec["image"]) == rec["crc32"]
                 records.append(rec)

@@ -1,0 +1,223 @@
+"""Tar archives read in place, and ImageNet's validation labels, against folder builds of the same images and
+labels worked out by the test from what it wrote."""
+import json
+import os
+import sys
+import tarfile
+
+import pytest
+
+from preprocess.build_lmdb import build
+from preprocess.sources import SourceError
+from tests.conftest import encode, random_rgb, run_cli
+from tests.preprocess import imagenet_like as il
+from tests.preprocess.test_build import read_plain
+
+
+@pytest.fixture
+def train(tmp_path, rng):
+    """The same training images as an ImageFolder tree, an ILSVRC-style tar of class tars, and the folder's
+    split (the class list val builds take)."""
+    images = il.train_images(rng)
+    il.write_folder(str(tmp_path / "train"), images)
+    il.write_train_tar(str(tmp_path / "train.tar"), images)
+    build(str(tmp_path / "train"), str(tmp_path / "train_split"), size=32, quiet=True, workers=1)
+    return tmp_path, images
+
+
+def test_train_tar_of_class_tars_equals_the_folder_build(train):
+    tmp, images = train
+    run_cli("preprocess.build_lmdb", tmp / "train.tar", tmp / "from_tar", "--size", 32, "--workers", 2,
+            "--shards", 2, "--quiet")
+    run_cli("preprocess.build_lmdb", tmp / "train", tmp / "from_folder", "--size", 32, "--workers", 2,
+            "--shards", 2, "--quiet")
+    meta_t, recs_t = read_plain(tmp / "from_tar")
+    meta_f, recs_f = read_plain(tmp / "from_folder")
+    assert recs_t == recs_f  # same labels, sources, bytes and order
+    assert meta_t["classes"] == il.WNIDS and meta_t["stats"] == meta_f["stats"]
+    assert sorted(r["source"] for r in recs_t) == sorted(f"{w}/{n}" for w in images for n in images[w])
+    for r in recs_t:
+        assert meta_t["classes"][r["label"]] == r["source"].split("/")[0]
+
+
+def test_plain_tar_of_class_paths_with_odd_members(tmp_path, rng):
+    imgs = {f"{c}/{sub}img{k}.jpg": encode(random_rgb(rng, 40, 50)) for c in ("cat", "bird")
+            for sub in ("", "deep/") for k in range(2)}
+    for rel, data in imgs.items():
+        os.makedirs(tmp_path / "folder" / os.path.dirname(rel), exist_ok=True)
+        (tmp_path / "folder" / rel).write_bytes(data)
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        tf.add(tmp_path / "folder" / "cat", arcname="./cat", recursive=False)  # a directory member
+        for rel, data in imgs.items():
+            il.add_bytes(tf, "./" + rel if rel.startswith("cat") else rel, data)
+        il.add_bytes(tf, "bird/notes.txt", b"not an image")
+        il.add_bytes(tf, "../evil.jpg", imgs["cat/img0.jpg"])
+        link = tarfile.TarInfo("bird/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        il.add_bytes(tf, "cat/img1.jpg", b"an older copy, replaced by the next member")
+        il.add_bytes(tf, "cat/img1.jpg", imgs["cat/img1.jpg"])
+    build(str(tmp_path / "a.tar"), str(tmp_path / "t"), size=24, quiet=True, workers=1)
+    build(str(tmp_path / "folder"), str(tmp_path / "f"), size=24, quiet=True, workers=1)
+    meta_t, recs_t = read_plain(tmp_path / "t")
+    meta_f, recs_f = read_plain(tmp_path / "f")
+    assert recs_t == recs_f
+    reasons = {s["source"]: s["reason"] for s in meta_t["skipped"]}
+    assert "leaves the archive" in reasons["../evil.jpg"] and "not followed" in reasons["bird/link.jpg"]
+    assert any(w["source"] == "cat/img1.jpg" and "twice" in w["reason"] for w in meta_t["warnings"])
+
+
+def test_truncated_archive_and_truncated_member_are_skipped_and_reported(tmp_path, rng):
+    jpeg = encode(random_rgb(rng, 60, 60))
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for k in range(3):
+            il.add_bytes(tf, f"c/ok{k}.jpg", encode(random_rgb(rng, 60, 60)))
+        il.add_bytes(tf, "c/cut.jpg", jpeg[:len(jpeg) // 2])  # a truncated file, inside a whole archive
+        il.add_bytes(tf, "c/last.jpg", jpeg)
+    data = (tmp_path / "a.tar").read_bytes()
+    end_of_last = data.index(jpeg) + len(jpeg) // 3
+    (tmp_path / "cut.tar").write_bytes(data[:end_of_last])  # the archive cut inside its last member
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "cut.tar", tmp_path / "out", "--size", 24, "--workers", 1)
+    meta, recs = read_plain(tmp_path / "out")
+    assert sorted(r["source"] for r in recs) == ["c/ok0.jpg", "c/ok1.jpg", "c/ok2.jpg"]
+    reasons = {s["source"]: s["reason"] for s in meta["skipped"]}
+    assert reasons["c/cut.jpg"].startswith("truncated JPEG")
+    assert reasons["c/last.jpg"].startswith("truncated") and "archive ends" in reasons["c/last.jpg"]
+    assert any("cut short" in w["reason"] for w in meta["warnings"]) and "cut short" in proc.stderr
+
+
+def test_kaggle_labels_on_a_flat_tar_and_a_flat_folder(train, rng):
+    tmp, _ = train
+    vals = il.val_images(rng, n=12)
+    il.write_val_tar(str(tmp / "val.tar"), vals)
+    il.write_val_flat(str(tmp / "val_flat"), vals)
+    il.write_val_sorted(str(tmp / "val_sorted"), vals)
+    csv_path = il.write_kaggle(str(tmp / "kaggle"), vals)
+    expected = {name: il.WNIDS.index(w) for name, w, _ in vals}  # the train split's classes are sorted WNIDs
+    build(str(tmp / "val_sorted"), str(tmp / "v_sorted"), size=32, quiet=True, workers=1,
+          classes_from=str(tmp / "train_split"))
+    _, sorted_recs = read_plain(tmp / "v_sorted")
+    by_name = {os.path.basename(r["source"]): (r["label"], r["image"]) for r in sorted_recs}
+    for src in ("val.tar", "val_flat"):
+        run_cli("preprocess.build_lmdb", tmp / src, tmp / f"v_{src}", "--size", 32, "--labels", csv_path,
+                "--classes-from", tmp / "train_split", "--quiet")
+        meta, recs = read_plain(tmp / f"v_{src}")
+        assert {r["source"]: r["label"] for r in recs} == expected
+        assert {r["source"]: (r["label"], r["image"]) for r in recs} == by_name
+        assert meta["class_names"] == [il.WORDS[w] for w in il.WNIDS]
+        assert meta["classes"] == il.WNIDS
+
+
+def test_devkit_ground_truth_with_meta_mat_ids_not_in_wnid_order(train, rng):
+    tmp, _ = train
+    vals = il.val_images(rng, n=16)
+    il.write_val_flat(str(tmp / "val_flat"), vals)
+    gt = il.write_devkit(str(tmp / "devkit" / "data"), vals)
+    expected = {name: il.WNIDS.index(w) for name, w, _ in vals}
+    assert any(il.DEVKIT_IDS[w] - 1 != expected[n] for n, w, _ in vals)  # ID − 1 would be wrong
+    for extra in (["--classes-from", tmp / "train_split"], []):  # without it: the devkit's sorted leaves
+        out = tmp / f"v{len(extra)}"
+        run_cli("preprocess.build_lmdb", tmp / "val_flat", out, "--size", 32, "--labels", gt, "--quiet", *extra)
+        meta, recs = read_plain(out)
+        assert {r["source"]: r["label"] for r in recs} == expected
+        assert meta["classes"] == il.WNIDS and meta["class_names"] == [il.WORDS[w] for w in il.WNIDS]
+
+
+def test_class_names_for_a_train_tar_and_inherited_by_val(train, rng):
+    tmp, _ = train
+    il.write_kaggle(str(tmp / "kaggle"), il.val_images(rng, n=2))
+    build(str(tmp / "train.tar"), str(tmp / "named"), size=32, quiet=True, workers=1,
+          class_names=str(tmp / "kaggle" / "LOC_synset_mapping.txt"))
+    assert json.loads((tmp / "named" / "meta.json").read_text())["class_names"] == [il.WORDS[w] for w in il.WNIDS]
+    vals = il.val_images(rng, n=4)
+    il.write_val_sorted(str(tmp / "vs"), vals)
+    build(str(tmp / "vs"), str(tmp / "vnamed"), size=32, quiet=True, workers=1, classes_from=str(tmp / "named"))
+    assert json.loads((tmp / "vnamed" / "meta.json").read_text())["class_names"] == [il.WORDS[w] for w in il.WNIDS]
+
+
+def test_label_file_problems_are_named(train, rng, monkeypatch):
+    tmp, _ = train
+    vals = il.val_images(rng, n=6)
+    il.write_val_flat(str(tmp / "vf"), vals)
+    il.write_val_tar(str(tmp / "val.tar"), vals)
+    csv_path = il.write_kaggle(str(tmp / "k"), vals[:-1])  # the last image has no label
+
+    def fails(match, src="vf", **kw):
+        with pytest.raises(SourceError, match=match):
+            build(str(tmp / src), str(tmp / "o"), size=32, quiet=True, workers=1, **kw)
+
+    fails(rf"{vals[-1][0]} has no label in .*LOC_val_solution.csv", labels=csv_path)
+    fails("have no class folder; give their labels with --labels", src="val.tar")
+    gt = il.write_devkit(str(tmp / "dk"), vals)
+    os.remove(tmp / "dk" / "meta.mat")
+    fails("meta.mat is missing", labels=gt)
+    il.write_devkit(str(tmp / "dk"), vals)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    fails("needs SciPy: pip install scipy", labels=gt)
+    monkeypatch.undo()
+    il.write_val_flat(str(tmp / "one"), vals[:1])
+    (tmp / "bad.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n09999999 1 2 3 4\n")
+    fails(r"bad.csv:2: class 'n09999999' is not among the --classes-from", src="one", labels=str(tmp / "bad.csv"),
+          classes_from=str(tmp / "train_split"))
+    (tmp / "ids.txt").write_text("1\n2\nseven\n")
+    fails(r"meta.mat is missing", labels=str(tmp / "ids.txt"))
+    (tmp / "dk" / "ids.txt").write_text("1\n2\nseven\n")
+    fails(r"ids.txt:3: expected one ILSVRC2012_ID, got 'seven'", labels=str(tmp / "dk" / "ids.txt"))
+    (tmp / "dk" / "ids.txt").write_text("1\n5\n")  # 5 is the inner node 'fish', not a class
+    fails(r"ids.txt:2: ILSVRC2012_ID 5 is not a class of .*meta.mat", labels=str(tmp / "dk" / "ids.txt"))
+    (tmp / "other.txt").write_text("img.jpg 3\n")
+    fails("neither Kaggle's LOC_val_solution.csv", labels=str(tmp / "other.txt"))
+
+
+def test_a_gzip_tar_is_refused_with_what_to_do(tmp_path, rng):
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tf:
+        il.add_bytes(tf, "c/x.jpg", encode(random_rgb(rng, 40, 40)))
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "a.tar.gz", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "gzip-compressed" in proc.stderr and "gunzip -k" in proc.stderr
+
+
+def test_root_picks_a_folder_inside_the_archive(tmp_path, rng):
+    """Kaggle's archive: ILSVRC/Data/CLS-LOC/{train,val}/… in one tar."""
+    vals = il.val_images(rng, n=4)
+    with tarfile.open(tmp_path / "kaggle.tar", "w") as tf:
+        for name, w, data in vals:
+            il.add_bytes(tf, f"ILSVRC/Data/CLS-LOC/val/{name}", data)
+            il.add_bytes(tf, f"ILSVRC/Data/CLS-LOC/train/{w}/{name}", data)
+    csv_path = il.write_kaggle(str(tmp_path / "k"), vals)
+    build(str(tmp_path / "kaggle.tar"), str(tmp_path / "v"), size=24, quiet=True, workers=1,
+          root="ILSVRC/Data/CLS-LOC/val", labels=csv_path)
+    build(str(tmp_path / "kaggle.tar"), str(tmp_path / "t"), size=24, quiet=True, workers=1,
+          root="ILSVRC/Data/CLS-LOC/train/")
+    _, v = read_plain(tmp_path / "v")
+    meta_t, t = read_plain(tmp_path / "t")
+    assert {r["source"]: r["label"] for r in v} == {n: il.WNIDS.index(w) for n, w, _ in vals}
+    assert {r["source"]: meta_t["classes"][r["label"]] for r in t} == {f"{w}/{n}": w for n, w, _ in vals}
+    assert {r["image"] for r in v} == {r["image"] for r in t}
+
+
+def test_tar_listing_reads_headers_only(tmp_path, rng, monkeypatch):
+    """Listing a tar reads its headers, not its images (a 138 GB archive must list in seconds)."""
+    big = encode(random_rgb(rng, 600, 800))
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for k in range(20):
+            il.add_bytes(tf, f"c{k % 2}/{k}.jpg", big)
+    from preprocess import tar_source
+    read = []
+    real = os.pread
+    monkeypatch.setattr(tar_source.os, "pread", lambda fd, n, off: read.append(n) or real(fd, n, off))
+    source = tar_source.list_tar(str(tmp_path / "a.tar"))
+    assert len(source) == 20 and sum(read) < 20 * 512 * 4 < 20 * len(big)
+    assert [len(d) for d in source.load([3, 17])] == [len(big)] * 2
+
+
+def test_members_are_read_where_they_are(tmp_path, rng):
+    """Each record's bytes are the member's bytes at the offset tarfile itself reports."""
+    data = {f"c/{k}.png": encode(random_rgb(rng, 30, 30), "PNG") for k in range(5)}
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for name, d in data.items():
+            il.add_bytes(tf, name, d)
+    from preprocess.tar_source import list_tar
+    source = list_tar(str(tmp_path / "a.tar"))
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        for i, got in zip(range(len(source)), source.load(range(len(source)))):
+            assert got == tf.extractfile(source.name(i)).read() == data[source.name(i)]
