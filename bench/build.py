@@ -6,10 +6,14 @@ In one run, on one ImageNet-like corpus (bench/corpus.py):
    over the ones large enough for a DCT-reduced decode;
 2. whole builds: a plain PIL implementation of the same preprocessing in one process (the baseline) and
    ``python -m preprocess.build_lmdb`` as a command, start-up included, with --workers 1 and all cores.
-Repeats are interleaved and the median kept; ratios matter, absolute figures move between runs.
+3. archives (``--sections archives``): the corpus as ImageNet ships it (a tar of per-class tars) against the
+   same images as files, both built with all cores; K parts built at once (one worker each) against one build
+   with K workers; and ``preprocess.merge``'s time, for JPEG parts and for raw parts ~8x their bytes.
+Repeats are interleaved; ratios are per repeat, reported as min/median/max; absolute figures move between runs.
 """
 import argparse
 import io
+import json
 import os
 import shutil
 import statistics
@@ -120,15 +124,108 @@ def bench_builds(src, paths, tmp, repeats, workers):
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
+def archive_corpus(paths, root, classes=10):
+    """The corpus as class folders (hard links) and as ILSVRC2012_img_train.tar's layout, class c holding images
+    c, c + classes, ...; returns (folder, tar)."""
+    import tarfile
+    folder, tar = os.path.join(root, "folder"), os.path.join(root, "train.tar")
+    shutil.rmtree(folder, ignore_errors=True)
+    for i, p in enumerate(paths):
+        cls = os.path.join(folder, f"n{i % classes:08d}")
+        os.makedirs(cls, exist_ok=True)
+        os.link(p, os.path.join(cls, os.path.basename(p)))
+    with tarfile.open(tar, "w") as outer:
+        for c in sorted(os.listdir(folder)):
+            inner = os.path.join(root, f"{c}.tar")
+            with tarfile.open(inner, "w") as t:
+                for name in sorted(os.listdir(os.path.join(folder, c))):
+                    t.add(os.path.join(folder, c, name), arcname=name)
+            outer.add(inner, arcname=f"{c}.tar")
+            os.remove(inner)
+    return folder, tar
+
+
+def _build(src, out, *args):
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "preprocess.build_lmdb", src, out, "--quiet", *map(str, args)], check=True)
+
+
+def _merge(out, parts):
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "preprocess.merge", out, *parts, "--quiet"], check=True)
+    return time.perf_counter() - t0
+
+
+def _spread(values):
+    return "{:.2f} / {:.2f} / {:.2f}".format(min(values), statistics.median(values), max(values))
+
+
+def bench_archives(paths, tmp, repeats, workers):
+    """Tar against files, K parts against one build, and the merge; ratios per repeat."""
+    folder, tar = archive_corpus(paths, tmp)
+    n = len(paths)
+    rows = {"files": [], "tar": [], "one": [], "parts": [], "parts+merge": [], "merge": [], "merge_raw": []}
+    for _ in range(repeats):
+        for name, src in (("files", folder), ("tar", tar)):
+            t0 = time.perf_counter()
+            _build(src, os.path.join(tmp, name), "--workers", workers)
+            rows[name].append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        _build(tar, os.path.join(tmp, "one"), "--workers", workers)
+        rows["one"].append(time.perf_counter() - t0)
+        parts = [os.path.join(tmp, f"part{i}") for i in range(workers)]
+        for p in parts:
+            shutil.rmtree(p, ignore_errors=True)
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "preprocess.build_lmdb", tar, p, "--quiet", "--workers", "1",
+                                   "--part", str(i), "--parts", str(workers)]) for i, p in enumerate(parts)]
+        assert all(proc.wait() == 0 for proc in procs)
+        rows["parts"].append(time.perf_counter() - t0)
+        rows["merge"].append(_merge(os.path.join(tmp, "merged"), parts))
+        rows["parts+merge"].append(rows["parts"][-1] + rows["merge"][-1])
+    raw_parts = [os.path.join(tmp, f"raw{i}") for i in range(workers)]
+    for i, p in enumerate(raw_parts):
+        _build(tar, p, "--workers", workers, "--encoding", "raw", "--part", i, "--parts", workers)
+    for _ in range(repeats):
+        rows["merge_raw"].append(_merge(os.path.join(tmp, "merged_raw"), raw_parts))
+
+    def nbytes(split):
+        meta = json.load(open(os.path.join(split, "meta.json")))
+        return sum(os.path.getsize(os.path.join(split, s["path"], "data.mdb")) for s in meta["shards"]) / 2**20
+
+    tar_vs_files = [t / f for t, f in zip(rows["tar"], rows["files"])]
+    parts_vs_one = [o / p for o, p in zip(rows["one"], rows["parts"])]
+    with_merge = [o / p for o, p in zip(rows["one"], rows["parts+merge"])]
+    print(f"\n| archives, {n} images, {workers} workers in all, {repeats} repeats | min / median / max |\n|---|---|")
+    print(f"| images/s from the class folders | {_spread(rows['files'])} |")
+    print(f"| images/s from the tar of class tars | {_spread(rows['tar'])} |")
+    print(f"| tar / files (goal >= 1x) | {_spread(tar_vs_files)} |")
+    print(f"| one build --workers {workers}, s | {_spread(rows['one'])} |")
+    print(f"| {workers} parts at once, --workers 1 each, s | {_spread(rows['parts'])} |")
+    print(f"| parts / one build, speed (goal >= 0.95x) | {_spread(parts_vs_one)} |")
+    print(f"| parts + merge / one build, speed | {_spread(with_merge)} |")
+    print(f"| merge, {nbytes(os.path.join(tmp, 'merged')):.0f} MiB of JPEG records, s | {_spread(rows['merge'])} |")
+    print(f"| merge, {nbytes(os.path.join(tmp, 'merged_raw')):.0f} MiB of raw records, s | {_spread(rows['merge_raw'])} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=3000, help="corpus size for the whole builds")
     p.add_argument("--option-images", type=int, default=1000, help="the first N images time the options")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "alexnet-bench-corpus"))
+    p.add_argument("--sections", default="options,builds,archives", help="which of options, builds, archives")
     args = p.parse_args(argv)
+    sections = args.sections.split(",")
     cv2.setNumThreads(1)
     paths = make_corpus(args.dir, args.images)
+    workers = default_workers()
+    if "archives" in sections:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            bench_archives(paths, tmp, args.repeats, workers)
+    if "options" not in sections and "builds" not in sections:
+        return
     listing = os.path.join(args.dir, f"list-{args.images}.txt")
     with open(listing, "w") as f:
         f.writelines(f"{os.path.basename(q)} 0\n" for q in paths)
@@ -137,13 +234,14 @@ def main(argv=None):
     print(f"corpus: {len(paths)} JPEGs, mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f}, "
           f"{np.mean([len(d) for d in datas]) / 1024:.0f} KiB average")
 
-    rows, n_red = bench_options(datas[:args.option_images], args.repeats)
-    print(f"\n| decode + resize to {SIZE}x{SIZE}, one core, {min(len(datas), args.option_images)} images | ms/image | MAD vs exact | ms/image, reducible "
+    rows, n_red = bench_options(datas[:args.option_images], args.repeats) if "options" in sections else ([], 0)
+    print("" if not rows else f"\n| decode + resize to {SIZE}x{SIZE}, one core, {min(len(datas), args.option_images)} images | ms/image | MAD vs exact | ms/image, reducible "
           f"({n_red}) | MAD, reducible |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['option']} | {r['ms']:.2f} | {r['mad']:.2f} | {r['ms_reducible']:.2f} | {r['mad_reducible']:.2f} |")
 
-    workers = default_workers()
+    if "builds" not in sections:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         speeds = bench_builds(listing, paths, tmp, args.repeats, workers)
     base = speeds["plain PIL, 1 process"]

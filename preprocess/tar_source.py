@@ -14,7 +14,7 @@ import tarfile
 
 from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, SourceError, _digest
 
-TAR_END = 1024  # two zero blocks end a tar; writers pad to 10240-byte records
+TAR_END = 1024  # two zero blocks end a tar; writers then pad with zeros (to 10240-byte records, or more)
 
 
 def is_tar(path):
@@ -91,7 +91,7 @@ def _scan(path, offset, size, where):
         last = f" after {members[-1].name}" if members else ""
         if problem is None and rest < TAR_END:
             problem = "no end-of-archive marker: the archive was cut short"
-        elif problem is None and (rest > 20 * 512 or any(os.pread(fd, min(rest, 20 * 512), offset + size - rest))):
+        elif problem is None and any(os.pread(fd, min(rest, 1 << 16), offset + size - rest)):
             problem = "data that is not a tar header: the archive is damaged"
         return members, (f"{problem}; members{last} are missing" if problem else None)
     finally:

@@ -210,14 +210,20 @@ def test_tar_listing_reads_headers_only(tmp_path, rng, monkeypatch):
     assert [len(d) for d in source.load([3, 17])] == [len(big)] * 2
 
 
-def test_members_are_read_where_they_are(tmp_path, rng):
-    """Each record's bytes are the member's bytes at the offset tarfile itself reports."""
-    data = {f"c/{k}.png": encode(random_rgb(rng, 30, 30), "PNG") for k in range(5)}
-    with tarfile.open(tmp_path / "a.tar", "w") as tf:
-        for name, d in data.items():
-            il.add_bytes(tf, name, d)
-    from preprocess.tar_source import list_tar
-    source = list_tar(str(tmp_path / "a.tar"))
+@pytest.mark.parametrize("members", [1, 5, 23])
+def test_members_are_read_where_they_are(tmp_path, rng, members):
+    """Each record's bytes are the member's bytes at the offset tarfile itself reports, and a whole archive
+    (whatever its padding: GNU tar pads to a multiple of 10240 bytes, after the end marker) has no warning."""
+    data = {f"c/{k}.png": encode(random_rgb(rng, 30 + 7 * k, 30), "PNG") for k in range(members)}
+    for fmt_, blocking in ((tarfile.GNU_FORMAT, 20), (tarfile.PAX_FORMAT, 64)):
+        with open(tmp_path / "a.tar", "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=fmt_) as tf:
+                for name, d in data.items():
+                    il.add_bytes(tf, name, d)
+            f.write(bytes(512 * blocking - f.tell() % (512 * blocking)))  # tar -b 64 pads to 32 KiB records
+        from preprocess.tar_source import list_tar
+        source = list_tar(str(tmp_path / "a.tar"))
+        assert source.warnings == [] and len(source) == members
     with tarfile.open(tmp_path / "a.tar") as tf:
         for i, got in zip(range(len(source)), source.load(range(len(source)))):
             assert got == tf.extractfile(source.name(i)).read() == data[source.name(i)]
