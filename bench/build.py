@@ -125,8 +125,8 @@ def bench_builds(src, paths, tmp, repeats, workers):
 
 
 def archive_corpus(paths, root, classes=10):
-    """The corpus as class folders (hard links) and as ILSVRC2012_img_train.tar's layout, class c holding images
-    c, c + classes, ...; returns (folder, tar)."""
+    """The corpus as class folders (hard links) and as ILSVRC2012_img_train.tar's layout (GNU tar format, as
+    ImageNet's), class c holding images c, c + classes, ...; returns (folder, tar)."""
     import tarfile
     folder, tar = os.path.join(root, "folder"), os.path.join(root, "train.tar")
     shutil.rmtree(folder, ignore_errors=True)
@@ -134,15 +134,27 @@ def archive_corpus(paths, root, classes=10):
         cls = os.path.join(folder, f"n{i % classes:08d}")
         os.makedirs(cls, exist_ok=True)
         os.link(p, os.path.join(cls, os.path.basename(p)))
-    with tarfile.open(tar, "w") as outer:
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as outer:
         for c in sorted(os.listdir(folder)):
             inner = os.path.join(root, f"{c}.tar")
-            with tarfile.open(inner, "w") as t:
+            with tarfile.open(inner, "w", format=tarfile.GNU_FORMAT) as t:
                 for name in sorted(os.listdir(os.path.join(folder, c))):
                     t.add(os.path.join(folder, c, name), arcname=name)
             outer.add(inner, arcname=f"{c}.tar")
             os.remove(inner)
     return folder, tar
+
+
+def drop_caches():
+    """Empty the page cache (root on Linux), so a build reads from the disk as on first contact; False where
+    not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def _build(src, out, *args):
@@ -161,15 +173,52 @@ def _spread(values):
     return "{:.2f} / {:.2f} / {:.2f}".format(min(values), statistics.median(values), max(values))
 
 
+def read_stage(src, cold):
+    """The reading stage alone, one process: (list seconds, read seconds) for every input's bytes, in the
+    builder's shuffled order."""
+    from preprocess.sources import open_source
+    if cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    source = open_source(src, workers=1)
+    t1 = time.perf_counter()
+    order = np.random.default_rng(0).permutation(len(source)).tolist()
+    for a in range(0, len(order), 32):
+        for data in source.load(order[a:a + 32]):
+            assert isinstance(data, bytes)
+    return t1 - t0, time.perf_counter() - t1
+
+
 def bench_archives(paths, tmp, repeats, workers):
     """Tar against files, K parts against one build, and the merge; ratios per repeat."""
     folder, tar = archive_corpus(paths, tmp)
     n = len(paths)
-    rows = {"files": [], "tar": [], "one": [], "parts": [], "parts+merge": [], "merge": [], "merge_raw": []}
+    cold = drop_caches()
+    stage = {}
     for _ in range(repeats):
-        for name, src in (("files", folder), ("tar", tar)):
+        for kind in ("warm", "cold") if cold else ("warm",):
+            for name, src in (("files", folder), ("tar", tar)):
+                read_stage(src, False)  # warm: the input in the page cache
+                stage.setdefault((kind, name), []).append(read_stage(src, kind == "cold"))
+    print(f"\n| reading stage alone, {n} images, one process, {repeats} repeats | list, ms | read, µs/image | "
+          "list + read, s | files / tar, list + read |\n|---|---|---|---|---|")
+    for (kind, name), v in stage.items():
+        ratio = [(f[0] + f[1]) / (t[0] + t[1]) for f, t in zip(stage[(kind, "files")], stage[(kind, "tar")])]
+        print(f"| {name}, {'input in the page cache' if kind == 'warm' else 'page cache dropped'} | "
+              f"{_spread([1e3 * a for a, _ in v])} | {_spread([1e6 * b / n for _, b in v])} | "
+              f"{_spread([a + b for a, b in v])} | {_spread(ratio) if name == 'tar' else ''} |")
+    rows = {"files": [], "tar": [], "cold files": [], "cold tar": [], "one": [], "parts": [], "parts+merge": [],
+            "merge": [], "merge_raw": []}
+    for _ in range(repeats):
+        for name, src in (("files", folder), ("tar", tar)) + ((("cold files", folder), ("cold tar", tar)) if cold else ()):
+            out = os.path.join(tmp, name)
+            if name.startswith("cold"):
+                shutil.rmtree(out, ignore_errors=True)
+                drop_caches()
+            else:
+                _build(src, out, "--workers", workers)  # the input in the page cache
             t0 = time.perf_counter()
-            _build(src, os.path.join(tmp, name), "--workers", workers)
+            _build(src, out, "--workers", workers)
             rows[name].append(n / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         _build(tar, os.path.join(tmp, "one"), "--workers", workers)
@@ -195,12 +244,17 @@ def bench_archives(paths, tmp, repeats, workers):
         return sum(os.path.getsize(os.path.join(split, s["path"], "data.mdb")) for s in meta["shards"]) / 2**20
 
     tar_vs_files = [t / f for t, f in zip(rows["tar"], rows["files"])]
+    cold_vs = [t / f for t, f in zip(rows["cold tar"], rows["cold files"])]
     parts_vs_one = [o / p for o, p in zip(rows["one"], rows["parts"])]
     with_merge = [o / p for o, p in zip(rows["one"], rows["parts+merge"])]
     print(f"\n| archives, {n} images, {workers} workers in all, {repeats} repeats | min / median / max |\n|---|---|")
     print(f"| images/s from the class folders | {_spread(rows['files'])} |")
     print(f"| images/s from the tar of class tars | {_spread(rows['tar'])} |")
-    print(f"| tar / files (goal >= 1x) | {_spread(tar_vs_files)} |")
+    print(f"| tar / files, input in the page cache (goal >= 1x) | {_spread(tar_vs_files)} |")
+    if cold_vs:
+        print(f"| images/s from the class folders, page cache dropped | {_spread(rows['cold files'])} |")
+        print(f"| images/s from the tar, page cache dropped | {_spread(rows['cold tar'])} |")
+        print(f"| tar / files, page cache dropped (goal >= 1x) | {_spread(cold_vs)} |")
     print(f"| one build --workers {workers}, s | {_spread(rows['one'])} |")
     print(f"| {workers} parts at once, --workers 1 each, s | {_spread(rows['parts'])} |")
     print(f"| parts / one build, speed (goal >= 0.95x) | {_spread(parts_vs_one)} |")

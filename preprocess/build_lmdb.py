@@ -351,7 +351,7 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
         names = dict(zip(classes, other.get("class_names") or []))
     source = open_source(src, fmt=format, root=root, split=split, h5_images=h5_images, h5_labels=h5_labels,
                          classes=classes, allow_outside_root=allow_outside_root, labels=labels,
-                         workers=workers or default_workers())
+                         workers=workers or default_workers(), quiet=quiet)
     names.update(getattr(source, "class_names", None) or {})
     if class_names is not None:
         names.update(read_class_names(class_names))

@@ -23,7 +23,7 @@ from preprocess.stats import PixelStats
 
 MERGE_FILE = "merge.json"  # marks OUT.partial as a merge in progress: a later merge may clear it
 SAME = ("size", "encoding", "quality", "classes")  # meta.json fields every part must share
-SAME_BUILD = ("exact", "max_pixels", "mean_image", "format", "split", "h5_images", "h5_labels", "root")
+SAME_BUILD = ("exact", "max_pixels", "mean_image", "h5_images", "h5_labels")  # the input itself: part.digest
 
 
 class MergeError(BuildError):
@@ -41,6 +41,11 @@ def _read_parts(paths):
             raise MergeError(f"{path}: not a packed split ({exc})") from None
         if "part" not in meta:
             raise MergeError(f"{path}: a whole split, not a part (build parts with --part I --parts K)")
+        for shard in meta["shards"]:  # a part copied from another machine may be incomplete
+            try:
+                fmt.open_shard(os.path.join(path, shard["path"])).close()
+            except fmt.FormatError as exc:
+                raise MergeError(f"{exc}; this part cannot be merged") from None
         parts.append((os.path.abspath(path), meta))
     first_path, first = parts[0]
     count = first["part"]["count"]
@@ -146,8 +151,6 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
         for shard, first_key in zip(meta["shards"], fmt.first_keys(meta)):
             name = fmt.shard_name(len(shards))
             src = os.path.join(path, shard["path"], "data.mdb")
-            if not os.path.isfile(src):
-                raise MergeError(f"{src}: missing; restore the part or rebuild it")
             os.mkdir(os.path.join(tmp, name))
             copied += not _link(src, os.path.join(tmp, name, "data.mdb"))
             shards.append({"path": name, "num_records": shard["num_records"], "first_key": first_key,

@@ -321,7 +321,7 @@ class HDF5Source:
         return int(i)
 
     def digest(self):
-        return _digest(os.path.abspath(self.path), len(self), self.labels.tobytes(), self.classes)
+        return _digest(os.path.basename(self.path), len(self), self.labels.tobytes(), self.classes)
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
@@ -389,7 +389,7 @@ class CifarSource:
         return int(i)
 
     def digest(self):
-        return _digest([os.path.abspath(f) for f in self.files], self.offsets.tolist(), self.labels.tobytes(),
+        return _digest([os.path.basename(f) for f in self.files], self.offsets.tolist(), self.labels.tobytes(),
                        self.classes)
 
     def load(self, indices):
@@ -452,9 +452,10 @@ def detect(src):
 
 
 def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", h5_labels="labels",
-                classes=None, allow_outside_root=False, labels=None, workers=1):
+                classes=None, allow_outside_root=False, labels=None, workers=1, quiet=True):
     """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space; ``labels`` (a
-    path) labels a flat folder or tar of images by file name; ``workers`` list a tar's inner tars."""
+    path) labels a flat folder or tar of images by file name; ``workers`` list a tar's inner tars (with a
+    progress bar unless ``quiet``)."""
     if not os.path.exists(src):
         raise SourceError(f"{src}: no such file or directory")
     if not (os.path.isdir(src) or os.path.isfile(src)):  # a FIFO would block the first read forever
@@ -469,7 +470,7 @@ def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", 
         labels = read_labels(labels)
     if fmt == "tar":
         from preprocess.tar_source import list_tar
-        source = list_tar(src, root=root, labels=labels, class_map=class_map, workers=workers)
+        source = list_tar(src, root=root, labels=labels, class_map=class_map, workers=workers, quiet=quiet)
     elif fmt == "imagefolder" and labels is not None:
         if not os.path.isdir(src):
             raise SourceError(f"{src}: --format imagefolder needs a directory")

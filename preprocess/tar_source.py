@@ -10,7 +10,10 @@ are sorted by (folder, name) within a class.
 import io
 import multiprocessing
 import os
+import sys
 import tarfile
+
+from tqdm import tqdm
 
 from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, SourceError, _digest
 
@@ -66,29 +69,69 @@ def _is_image(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+_ZERO_BLOCK = bytes(512)
+_PLAIN_TYPES = b"0\x001234567"  # files, links, devices, folders, FIFOs, contiguous files: no extension headers
+
+
+def _fast_members(fd, offset, size):
+    """The members of a plain ustar or GNU tar, parsed straight from their headers as tarfile would report
+    them, about 5x faster than tarfile (listing ImageNet's train tar is 1.28 million headers); None for anything
+    else (pax or GNU extension headers, sparse files, base-256 sizes, a bad checksum, no end marker), which
+    tarfile then reads."""
+    out, pos = [], 0
+    while pos + 512 <= size:
+        h = os.pread(fd, 512, offset + pos)
+        if h == _ZERO_BLOCK:
+            return out
+        if len(h) < 512 or h[156] not in _PLAIN_TYPES or h[124] & 0x80:
+            return None
+        try:
+            if int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8) != sum(h) - sum(h[148:156]) + 256:
+                return None
+            length = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        name = h[:100].split(b"\0", 1)[0]
+        if h[257:263] == b"ustar\x00" and h[345]:  # POSIX ustar: a path prefix (GNU tar's magic has none)
+            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = os.fsdecode(name)
+        isdir = h[156] == ord("5") or (h[156] == 0 and name.endswith("/"))
+        isfile = h[156] in b"0\x007" and not isdir
+        name = name.rstrip("/") if isdir else name
+        out.append((name, pos + 512, length, isfile, False))
+        pos += 512 + ((length + 511) // 512 * 512 if isfile else 0)
+    return None
+
+
+def _tarfile_members(fd, offset, size, where):
+    """The members as tarfile reads them, and why the listing stopped early (or None)."""
+    try:
+        tf = tarfile.open(fileobj=_Window(fd, offset, size), mode="r:")
+    except tarfile.ReadError as exc:
+        raise SourceError(f"{where}: not a readable tar archive ({exc})") from None
+    members = []
+    while True:
+        try:
+            m = tf.next()
+        except tarfile.ReadError as exc:
+            return members, f"the archive ends early ({exc}): it was cut short"
+        if m is None:
+            return members, None
+        members.append((m.name, m.offset_data, m.size, m.isfile(), m.issparse()))
+
+
 def _scan(path, offset, size, where):
-    """The members of the tar at ``offset`` (``size`` bytes) of ``path`` as (name, TarInfo), and a problem
-    (the archive ends early, or holds data that is no tar header) or None."""
+    """The members of the tar at ``offset`` (``size`` bytes) of ``path``, as (name, data offset, size,
+    is a regular file, is sparse), and a problem (the archive ends early, or holds data that is no tar header)
+    or None."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        window = _Window(fd, offset, size)
-        try:
-            tf = tarfile.open(fileobj=window, mode="r:")
-        except tarfile.ReadError as exc:
-            raise SourceError(f"{where}: not a readable tar archive ({exc})") from None
-        members, problem = [], None
-        while True:
-            try:
-                m = tf.next()
-            except tarfile.ReadError as exc:
-                problem = f"the archive ends early ({exc}): it was cut short"
-                break
-            if m is None:
-                break
-            members.append(m)
-        end = max([m.offset_data + m.size for m in members], default=0)
+        members, problem = _fast_members(fd, offset, size), None
+        if members is None:
+            members, problem = _tarfile_members(fd, offset, size, where)
+        end = max([m[1] + m[2] for m in members], default=0)
         rest = size - ((end + 511) // 512 * 512)
-        last = f" after {members[-1].name}" if members else ""
+        last = f" after {members[-1][0]}" if members else ""
         if problem is None and rest < TAR_END:
             problem = "no end-of-archive marker: the archive was cut short"
         elif problem is None and any(os.pread(fd, min(rest, 1 << 16), offset + size - rest)):
@@ -99,9 +142,7 @@ def _scan(path, offset, size, where):
 
 
 def _scan_inner(args):
-    path, offset, size, where = args
-    members, problem = _scan(path, offset, size, where)
-    return [(m.name, m.offset_data, m.size, m.isfile(), m.issparse()) for m in members], problem
+    return _scan(*args)
 
 
 class TarSource(FileSource):
@@ -131,11 +172,12 @@ class TarSource(FileSource):
                 yield data
 
 
-def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1):
+def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quiet=True):
     """A TarSource for ``archive``: top-level ``C.tar`` members are classes (ILSVRC-2012's train tar),
     ``C/…/image`` members are images of class C, and top-level images take their class from ``labels``
     (``preprocess.imagenet_labels``: the image's name without extension -> class). ``root`` is the folder
-    inside the archive to read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive)."""
+    inside the archive to read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive). Unless ``quiet``, a
+    progress bar counts the inner tars listed."""
     if is_gzip(archive):
         raise SourceError(f"{archive}: a gzip-compressed tar; images are read in place, which needs random "
                           "access: decompress it once (gunzip -k, or pigz -dk, gives a .tar of about the same size, "
@@ -164,16 +206,17 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1):
                                                       "would extract it"})
         found[rel] = (offset, length)
 
-    for m in outer:
-        rel = _clean(m.name)
-        if m.isfile() and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix:
-            inner.append((archive, m.offset_data, m.size, f"{archive}:{rel}"))
+    for name, offset, length, isfile, sparse in outer:
+        rel = _clean(name)
+        if isfile and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix:
+            inner.append((archive, offset, length, f"{archive}:{rel}"))
             inner_classes.append(rel[:-4])
         else:
-            add(m.name, m.offset_data, m.size, m.isfile(), m.issparse(), "")
+            add(name, offset, length, isfile, sparse, "")
     if inner:
         with multiprocessing.get_context("fork").Pool(min(workers, len(inner))) if workers > 1 else _Serial() as pool:
-            scans = pool.map(_scan_inner, inner, chunksize=4)
+            scans = tqdm(pool.imap(_scan_inner, inner, chunksize=4), total=len(inner), unit="tar", file=sys.stderr,
+                         desc=f"listing {os.path.basename(archive)}", disable=quiet, dynamic_ncols=True)
             for (_, offset, _, where), cls, (members, problem) in zip(inner, inner_classes, scans):
                 if problem:
                     warnings.append({"source": where, "reason": problem})
@@ -213,7 +256,7 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1):
 
 
 class _Serial:
-    """``Pool.map`` in this process."""
+    """``Pool.imap`` in this process."""
 
     def __enter__(self):
         return self
@@ -221,5 +264,5 @@ class _Serial:
     def __exit__(self, *exc):
         return False
 
-    def map(self, fn, items, chunksize=1):
-        return list(map(fn, items))
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)

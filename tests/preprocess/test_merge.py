@@ -83,6 +83,10 @@ def test_merge_refuses_parts_that_do_not_make_one_split(train_tar, tmp_path):
     refused(r"p1: given twice", parts[0], parts[1], parts[1], parts[2])
     refused(r"copy_of_p1: part 1 of 3 again \(also .*p1\)", parts[0], parts[1], tmp_path / "copy_of_p1", parts[2])
     refused(r"whole: a whole split, not a part", parts[0], tmp_path / "whole")
+    shutil.copytree(parts[2], tmp_path / "p2_rsync_cut")  # a part copied from another machine, cut short
+    data = tmp_path / "p2_rsync_cut" / "shard-00001" / "data.mdb"
+    os.truncate(data, os.path.getsize(data) // 2)
+    refused(r"p2_rsync_cut/shard-00001/data.mdb: .* the file is truncated", parts[0], parts[1], tmp_path / "p2_rsync_cut")
     proc = run_cli("preprocess.merge", tmp_path / "m", parts[0], check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -227,3 +227,31 @@ def test_members_are_read_where_they_are(tmp_path, rng, members):
     with tarfile.open(tmp_path / "a.tar") as tf:
         for i, got in zip(range(len(source)), source.load(range(len(source)))):
             assert got == tf.extractfile(source.name(i)).read() == data[source.name(i)]
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_parser_agrees_with_tarfile(tmp_path, tar_format):
+    """The fast header parser reports what tarfile reports, and leaves to tarfile what it does not parse
+    (GNU long names, pax headers)."""
+    from preprocess.tar_source import _fast_members, _scan
+    with tarfile.open(tmp_path / "a.tar", "w", format=tar_format) as tf:
+        for k, n in enumerate((0, 1, 511, 512, 513, 5000)):
+            il.add_bytes(tf, f"c/f{k}.jpg", bytes([k + 1]) * n)
+        il.add_bytes(tf, "deep/" + "x" * 60 + "/" + "y" * 60 + "/img.jpg", b"long path")  # ustar: a prefix
+        for kind, name in ((tarfile.DIRTYPE, "c/sub"), (tarfile.SYMTYPE, "c/s.jpg"), (tarfile.LNKTYPE, "c/h.jpg"),
+                           (tarfile.FIFOTYPE, "c/p.jpg"), (tarfile.CHRTYPE, "c/d.jpg")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "c/f1.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            tf.addfile(info)
+        il.add_bytes(tf, "c/é ü.jpg", b"utf-8 name")
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        expected = [(m.name, m.offset_data, m.size, m.isfile(), m.issparse()) for m in tf.getmembers()]
+    size = os.path.getsize(tmp_path / "a.tar")
+    members, problem = _scan(str(tmp_path / "a.tar"), 0, size, "a.tar")
+    assert members == expected and problem is None
+    fd = os.open(tmp_path / "a.tar", os.O_RDONLY)
+    try:
+        fast = _fast_members(fd, 0, size)
+    finally:
+        os.close(fd)
+    assert (fast is None) == (tar_format == tarfile.PAX_FORMAT or tar_format == tarfile.GNU_FORMAT)
