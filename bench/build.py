@@ -210,7 +210,8 @@ def bench_archives(paths, tmp, repeats, workers):
     rows = {"files": [], "tar": [], "cold files": [], "cold tar": [], "one": [], "parts": [], "parts+merge": [],
             "merge": [], "merge_raw": []}
     for _ in range(repeats):
-        for name, src in (("files", folder), ("tar", tar)) + ((("cold files", folder), ("cold tar", tar)) if cold else ()):
+        kinds = (("files", folder), ("tar", tar)) + ((("cold files", folder), ("cold tar", tar)) if cold else ())
+        for name, src in kinds:
             out = os.path.join(tmp, name)
             if name.startswith("cold"):
                 shutil.rmtree(out, ignore_errors=True)
@@ -260,7 +261,8 @@ def bench_archives(paths, tmp, repeats, workers):
     print(f"| parts / one build, speed (goal >= 0.95x) | {_spread(parts_vs_one)} |")
     print(f"| parts + merge / one build, speed | {_spread(with_merge)} |")
     print(f"| merge, {nbytes(os.path.join(tmp, 'merged')):.0f} MiB of JPEG records, s | {_spread(rows['merge'])} |")
-    print(f"| merge, {nbytes(os.path.join(tmp, 'merged_raw')):.0f} MiB of raw records, s | {_spread(rows['merge_raw'])} |")
+    raw_mib = nbytes(os.path.join(tmp, "merged_raw"))
+    print(f"| merge, {raw_mib:.0f} MiB of raw records, s | {_spread(rows['merge_raw'])} |")
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ build and yields the same records as an uninterrupted one.
 """
 import argparse
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -24,12 +25,14 @@ import lmdb
 import msgpack
 import numpy as np
 from tqdm import tqdm
+from zlib_ng import zlib_ng
 
 from datasets import cli, format as fmt
 from datasets.lock import FolderLock, LockedError
 from preprocess import image_ops
 from preprocess.imagenet_labels import read_class_names
 from preprocess.sources import FORMATS, MissingFile, Part, SourceError, inside, open_source
+from preprocess.tar_source import is_gzip
 from preprocess.stats import PixelStats
 
 PLAN_FILE = "plan.json"
@@ -301,6 +304,44 @@ class BuildLock(FolderLock):
         os.remove(os.path.join(out, self.name))
 
 
+def decompressed(src, out, quiet):
+    """A gzip-compressed tar, decompressed once beside OUT, since reading images in place needs random access
+    (kept for --resume, removed once the build is complete). An archive cut short keeps what it holds: its
+    listing then reports the truncation, as for a plain tar."""
+    st = os.stat(src)
+    key = hashlib.sha1(repr((os.path.abspath(src), st.st_size, st.st_mtime_ns)).encode()).hexdigest()[:12]
+    path = f"{out}.source-{key}.tar"
+    if os.path.exists(path):
+        print(f"{src}: reusing its decompressed copy {path}", file=sys.stderr)
+        return path
+    print(f"{src} is gzip-compressed: decompressing it once to {path} (about the size of the archive, since JPEGs "
+          "do not compress; removed when the build is complete)", file=sys.stderr)
+    try:
+        with fmt.atomic_path(path) as part, open(src, "rb") as raw, open(part, "wb") as f, \
+                tqdm(total=st.st_size, unit="B", unit_scale=True, disable=quiet, file=sys.stderr,
+                     desc="decompressing") as bar:
+            gz = zlib_ng.decompressobj(wbits=31)
+            while chunk := raw.read(1 << 20):
+                bar.update(len(chunk))
+                while chunk:
+                    f.write(gz.decompress(chunk))
+                    chunk = gz.unused_data if gz.eof else b""  # concatenated gzip members (cat a.gz b.gz)
+                    if chunk:
+                        gz = zlib_ng.decompressobj(wbits=31)
+            if not gz.eof:  # what came before the cut is kept, and its listing reports the truncation
+                f.write(gz.flush())
+                print(f"warning: {src}: the gzip stream ends early: the archive was cut short", file=sys.stderr)
+    except zlib_ng.error as exc:
+        raise BuildError(f"{src}: not a readable gzip file ({exc})") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise BuildError(f"{path}: no space left on the device to decompress {src} (it needs about "
+                             f"{st.st_size / 2**20:.0f} MiB or more); free some space, or decompress it elsewhere "
+                             "(gunzip -k) and pass the .tar") from None
+        raise
+    return path
+
+
 def default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -341,49 +382,59 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
                          "or move it away yourself")
     if os.path.lexists(tmp) and not os.path.isdir(tmp):
         raise BuildError(f"{tmp} exists and is not a folder; the build writes there: move it away")
-    classes, names = None, {}
-    if classes_from is not None:
-        try:
-            other = fmt.read_meta(classes_from)
-        except fmt.FormatError as exc:
-            raise BuildError(f"--classes-from: {exc}") from None
-        classes = other["classes"]
-        names = dict(zip(classes, other.get("class_names") or []))
-    source = open_source(src, fmt=format, root=root, split=split, h5_images=h5_images, h5_labels=h5_labels,
-                         classes=classes, allow_outside_root=allow_outside_root, labels=labels,
-                         workers=workers or default_workers(), quiet=quiet)
-    names.update(getattr(source, "class_names", None) or {})
-    if class_names is not None:
-        names.update(read_class_names(class_names))
-    named = [names.get(c) for c in source.classes]
-    if names and None in named:
-        source.warnings.append({"source": class_names or labels or classes_from, "reason": f"no name for "
-                                f"{named.count(None)} of {len(named)} classes (e.g. {source.classes[named.index(None)]})"
-                                "; they are named by their class"})
-    for w in source.warnings:  # even with --quiet: they are problems in the input
-        print(f"warning: {w['source']}: {w['reason']}", file=sys.stderr)
-    if parts is not None:
-        if len(source) < parts:
-            raise BuildError(f"--parts {parts}: SRC has only {len(source)} inputs; use at most that many parts")
-        source = Part(source, part, parts)
-    n = len(source)
-    opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
-    est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
-    num_shards = max(1, min(n, shards or -(-int(est) // SHARD_BYTES)))
-    params = {**asdict(opts), "source": os.path.abspath(src), "format": format, "root": root, "split": split,
-              "h5_images": h5_images, "h5_labels": h5_labels, "shards": num_shards, "seed": seed,
-              "shuffle": shuffle, "classes": source.classes, "part": part, "parts": parts,
-              "labels": labels and os.path.abspath(labels),
-              "class_names": [c if m is None else m for c, m in zip(source.classes, named)] if names else None}
-    plan = {"params": params, "digest": source.digest(), "num_items": n}
-
-    lock = BuildLock(tmp, out)
+    gz = format in (None, "tar") and os.path.isfile(src) and is_gzip(src)
+    lock = BuildLock(tmp, out) if gz else None  # decompressing is part of the build: one at a time
     try:
-        return _build_locked(source, src, out, tmp, lock, plan, opts, params, resume=resume, overwrite=overwrite,
-                             quiet=quiet, strict=strict, workers=workers, seed=seed, shuffle=shuffle, est=est,
-                             num_shards=num_shards, map_size=map_size, commit_every=commit_every, t0=t0)
+        read_from = decompressed(src, out, quiet) if gz else src
+        classes, names = None, {}
+        if classes_from is not None:
+            try:
+                other = fmt.read_meta(classes_from)
+            except fmt.FormatError as exc:
+                raise BuildError(f"--classes-from: {exc}") from None
+            classes = other["classes"]
+            names = dict(zip(classes, other.get("class_names") or []))
+        source = open_source(read_from, fmt=format, root=root, split=split, h5_images=h5_images,
+                             h5_labels=h5_labels, classes=classes, allow_outside_root=allow_outside_root,
+                             labels=labels, workers=workers or default_workers(), quiet=quiet, shown=src)
+        names.update(getattr(source, "class_names", None) or {})
+        if class_names is not None:
+            names.update(read_class_names(class_names))
+        named = [names.get(c) for c in source.classes]
+        if names and None in named:
+            example = source.classes[named.index(None)]
+            source.warnings.append({"source": class_names or labels or classes_from, "reason": f"no name for "
+                                    f"{named.count(None)} of {len(named)} classes (e.g. {example}); they are "
+                                    "named by their class"})
+        for w in source.warnings:  # even with --quiet: they are problems in the input
+            print(f"warning: {w['source']}: {w['reason']}", file=sys.stderr)
+        if parts is not None:
+            if len(source) < parts:
+                raise BuildError(f"--parts {parts}: SRC has only {len(source)} inputs; use at most that many "
+                                 "parts")
+            source = Part(source, part, parts)
+        n = len(source)
+        opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
+        est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
+        num_shards = max(1, min(n, shards or -(-int(est) // SHARD_BYTES)))
+        params = {**asdict(opts), "source": os.path.abspath(src), "format": format, "root": root,
+                  "split": split, "h5_images": h5_images, "h5_labels": h5_labels, "shards": num_shards,
+                  "seed": seed, "shuffle": shuffle, "classes": source.classes, "part": part, "parts": parts,
+                  "labels": labels and os.path.abspath(labels),
+                  "class_names": [c if m is None else m for c, m in zip(source.classes, named)] if names else None}
+        plan = {"params": params, "digest": source.digest(), "num_items": n}
+
+        lock = lock or BuildLock(tmp, out)
+        result = _build_locked(source, src, out, tmp, lock, plan, opts, params, resume=resume,
+                               overwrite=overwrite, quiet=quiet, strict=strict, workers=workers, seed=seed,
+                               shuffle=shuffle, est=est, num_shards=num_shards, map_size=map_size,
+                               commit_every=commit_every, t0=t0)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+    if gz:
+        os.remove(read_from)
+    return result
 
 
 def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, overwrite, quiet, strict, workers,

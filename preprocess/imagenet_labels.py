@@ -121,7 +121,8 @@ def _kaggle(path, text):
         if not row:
             continue
         if len(row) != 2 or not row[1].split():
-            raise SourceError(f"{path}:{n}: expected 'ImageId,PredictionString' with a WNID first, got {','.join(row)[:120]!r}")
+            raise SourceError(f"{path}:{n}: expected 'ImageId,PredictionString' with a WNID first, "
+                              f"got {','.join(row)[:120]!r}")
         image, wnid = row[0].strip(), row[1].split()[0]
         if image in by_image:
             raise SourceError(f"{path}:{n}: image {image} already labelled on line {by_image[image][1]}")

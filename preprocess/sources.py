@@ -452,10 +452,10 @@ def detect(src):
 
 
 def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", h5_labels="labels",
-                classes=None, allow_outside_root=False, labels=None, workers=1, quiet=True):
+                classes=None, allow_outside_root=False, labels=None, workers=1, quiet=True, shown=None):
     """The source at SRC (format detected unless ``fmt``); ``classes`` fixes the label space; ``labels`` (a
     path) labels a flat folder or tar of images by file name; ``workers`` list a tar's inner tars (with a
-    progress bar unless ``quiet``)."""
+    progress bar unless ``quiet``); messages name SRC ``shown`` (a decompressed tar's original)."""
     if not os.path.exists(src):
         raise SourceError(f"{src}: no such file or directory")
     if not (os.path.isdir(src) or os.path.isfile(src)):  # a FIFO would block the first read forever
@@ -470,7 +470,8 @@ def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", 
         labels = read_labels(labels)
     if fmt == "tar":
         from preprocess.tar_source import list_tar
-        source = list_tar(src, root=root, labels=labels, class_map=class_map, workers=workers, quiet=quiet)
+        source = list_tar(src, root=root, labels=labels, class_map=class_map, workers=workers, quiet=quiet,
+                          shown=shown)
     elif fmt == "imagefolder" and labels is not None:
         if not os.path.isdir(src):
             raise SourceError(f"{src}: --format imagefolder needs a directory")

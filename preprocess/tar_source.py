@@ -154,7 +154,7 @@ class TarSource(FileSource):
         self.archive, self.spans, self._fd = archive, spans, None
 
     def digest(self):
-        return _digest(os.path.basename(self.archive), self.paths, self.spans, self.labels, self.classes)
+        return _digest(self.paths, self.spans, self.labels, self.classes)
 
     def __getstate__(self):
         return {**self.__dict__, "_fd": None}
@@ -172,22 +172,23 @@ class TarSource(FileSource):
                 yield data
 
 
-def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quiet=True):
+def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quiet=True, shown=None):
     """A TarSource for ``archive``: top-level ``C.tar`` members are classes (ILSVRC-2012's train tar),
     ``C/…/image`` members are images of class C, and top-level images take their class from ``labels``
     (``preprocess.imagenet_labels``: the image's name without extension -> class). ``root`` is the folder
     inside the archive to read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive). Unless ``quiet``, a
-    progress bar counts the inner tars listed."""
-    if is_gzip(archive):
-        raise SourceError(f"{archive}: a gzip-compressed tar; images are read in place, which needs random "
-                          "access: decompress it once (gunzip -k, or pigz -dk, gives a .tar of about the same size, "
-                          "since JPEGs do not compress) and pass the .tar")
+    progress bar counts the inner tars listed. Messages name the archive ``shown`` (default: ``archive``), e.g.
+    the compressed original of a decompressed copy."""
+    if is_gzip(archive):  # the builder decompresses it first (build_lmdb.decompressed)
+        raise SourceError(f"{archive}: a gzip-compressed tar, which cannot be read in place; decompress it "
+                          "(gunzip -k) and pass the .tar")
     prefix = _clean(root) + "/" if root and _clean(root) else ""
+    shown = shown or archive
     size = os.path.getsize(archive)
-    outer, problem = _scan(archive, 0, size, archive)
+    outer, problem = _scan(archive, 0, size, shown)
     skipped, warnings, found, inner, inner_classes = [], [], {}, [], []
     if problem:
-        warnings.append({"source": archive, "reason": problem})
+        warnings.append({"source": shown, "reason": problem})
 
     def add(name, offset, length, isfile, sparse, where):
         rel = _clean(name)
@@ -209,7 +210,7 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
     for name, offset, length, isfile, sparse in outer:
         rel = _clean(name)
         if isfile and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix:
-            inner.append((archive, offset, length, f"{archive}:{rel}"))
+            inner.append((archive, offset, length, f"{shown}:{rel}"))
             inner_classes.append(rel[:-4])
         else:
             add(name, offset, length, isfile, sparse, "")
@@ -225,18 +226,18 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
     flat = sorted(r for r in found if "/" not in r)
     classes = sorted({r.split("/", 1)[0] for r in found if "/" in r and not r.startswith(".")})
     if flat and labels is None:
-        raise SourceError(f"{archive}: {len(flat)} image(s) at the top level{' of ' + root if prefix else ''} "
+        raise SourceError(f"{shown}: {len(flat)} image(s) at the top level{' of ' + root if prefix else ''} "
                           f"(e.g. {flat[0]}) have no class folder; give their labels with --labels FILE "
                           "(LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt)")
     if flat and classes:
-        raise SourceError(f"{archive}: both class folders (e.g. {classes[0]}) and top-level images (e.g. "
+        raise SourceError(f"{shown}: both class folders (e.g. {classes[0]}) and top-level images (e.g. "
                           f"{flat[0]}); pack one kind at a time, choosing it with --root")
     if not found:
-        raise SourceError(f"{archive}: no image members{' under ' + root if prefix else ''} "
+        raise SourceError(f"{shown}: no image members{' under ' + root if prefix else ''} "
                           f"({', '.join(IMAGE_EXTENSIONS)})")
     if flat:
         paths = flat
-        names = [labels.class_of(p, archive) for p in paths]
+        names = [labels.class_of(p, shown) for p in paths]
         classes = labels.classes(class_map)
         index = {c: i for i, c in enumerate(classes)}
         lab = [index[c] for c in names]
@@ -244,7 +245,7 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
         if class_map is not None:
             for c in classes:
                 if c not in class_map:
-                    raise SourceError(f"{archive}: class {c!r} is not among the --classes-from split's "
+                    raise SourceError(f"{shown}: class {c!r} is not among the --classes-from split's "
                                       f"{len(class_map)} classes")
         index = class_map if class_map is not None else {c: i for i, c in enumerate(classes)}
         paths = sorted((r for r in found if not r.startswith(".")),

@@ -1,9 +1,11 @@
 """Tar archives read in place, and ImageNet's validation labels, against folder builds of the same images and
 labels worked out by the test from what it wrote."""
+import gzip
 import json
 import os
 import sys
 import tarfile
+import zlib
 
 import pytest
 
@@ -169,11 +171,45 @@ def test_label_file_problems_are_named(train, rng, monkeypatch):
     fails("neither Kaggle's LOC_val_solution.csv", labels=str(tmp / "other.txt"))
 
 
-def test_a_gzip_tar_is_refused_with_what_to_do(tmp_path, rng):
-    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tf:
-        il.add_bytes(tf, "c/x.jpg", encode(random_rgb(rng, 40, 40)))
-    proc = run_cli("preprocess.build_lmdb", tmp_path / "a.tar.gz", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "gzip-compressed" in proc.stderr and "gunzip -k" in proc.stderr
+def test_gzip_tar_is_decompressed_once_beside_out_and_resumed(tmp_path, rng):
+    imgs = {f"c{k % 2}/{k}.jpg": encode(random_rgb(rng, 40, 50)) for k in range(6)}
+    for rel, data in imgs.items():
+        os.makedirs(tmp_path / "folder" / os.path.dirname(rel), exist_ok=True)
+        (tmp_path / "folder" / rel).write_bytes(data)
+    with tarfile.open(tmp_path / "a.tgz", "w:gz") as tf:
+        for rel, data in imgs.items():
+            il.add_bytes(tf, rel, data)
+        il.add_bytes(tf, "c0/broken.jpg", b"not a jpeg")
+    (tmp_path / "folder" / "c0" / "broken.jpg").write_bytes(b"not a jpeg")
+    build(str(tmp_path / "folder"), str(tmp_path / "f"), size=24, quiet=True, workers=1)
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "a.tgz", tmp_path / "t", "--size", 24, "--strict", check=False)
+    assert proc.returncode == 2 and "gzip-compressed: decompressing it once" in proc.stderr
+    copies = [p for p in os.listdir(tmp_path) if p.startswith("t.source-")]
+    assert len(copies) == 1  # kept for the next attempt
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "a.tgz", tmp_path / "t", "--size", 24, "--resume")
+    assert "reusing its decompressed copy" in proc.stderr
+    meta, recs = read_plain(tmp_path / "t")
+    assert recs == read_plain(tmp_path / "f")[1] and meta["skipped"][0]["source"] == "c0/broken.jpg"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("t.source-")]  # removed once complete
+
+
+def test_a_gzip_tar_cut_short_keeps_what_it_holds(tmp_path, rng):
+    with tarfile.open(tmp_path / "a.tgz", "w:gz") as tf:
+        for k in range(4):
+            il.add_bytes(tf, f"c/{k}.jpg", encode(random_rgb(rng, 200, 200)))
+    data = (tmp_path / "a.tgz").read_bytes()
+    (tmp_path / "cut.tgz").write_bytes(data[:len(data) * 3 // 4])
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "cut.tgz", tmp_path / "o", "--size", 24)
+    meta, recs = read_plain(tmp_path / "o")
+    assert "gzip stream ends early" in proc.stderr and 1 <= len(recs) < 4
+    assert any("cut short" in w["reason"] for w in meta["warnings"])
+    plain = zlib.decompress(data, wbits=31)  # the same tar as two concatenated gzip members (cat a.gz b.gz)
+    (tmp_path / "two.tgz").write_bytes(gzip.compress(plain[:5000]) + gzip.compress(plain[5000:]))
+    build(str(tmp_path / "two.tgz"), str(tmp_path / "two"), size=24, quiet=True, workers=1)
+    assert len(read_plain(tmp_path / "two")[1]) == 4
+    (tmp_path / "bad.tgz").write_bytes(b"\x1f\x8b" + bytes(100))
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "bad.tgz", tmp_path / "o2", check=False)
+    assert proc.returncode == 2 and "not a readable gzip file" in proc.stderr
 
 
 def test_root_picks_a_folder_inside_the_archive(tmp_path, rng):
