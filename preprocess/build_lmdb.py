@@ -314,6 +314,13 @@ def decompressed(src, out, quiet):
     if os.path.exists(path):
         print(f"{src}: reusing its decompressed copy {path}", file=sys.stderr)
         return path
+    with open(src, "rb") as f:
+        try:
+            head = zlib_ng.decompressobj(wbits=31).decompress(f.read(1 << 16), 512)
+        except zlib_ng.error as exc:
+            raise BuildError(f"{src}: not a readable gzip file ({exc})") from None
+    if head[257:262] != b"ustar":
+        raise BuildError(f"{src}: gzip-compressed, but not a tar archive; unpack it first (gunzip -k)")
     print(f"{src} is gzip-compressed: decompressing it once to {path} (about the size of the archive, since JPEGs "
           "do not compress; removed when the build is complete)", file=sys.stderr)
     try:

@@ -87,10 +87,11 @@ def assert_one_line(proc, *names):
         assert str(name) in err, (name, err)
 
 
-def write_tar(path):
-    with tarfile.open(path, "w:gz") as t:
+def write_tar(path, name="x.JPEG"):
+    """A tar of one image at its top level: no class folder, and no --labels."""
+    with tarfile.open(path, "w") as t:
         data = encode(np.zeros((8, 8, 3), np.uint8))
-        info = tarfile.TarInfo("n01440764/x.JPEG")
+        info = tarfile.TarInfo(name)
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
 
@@ -100,8 +101,11 @@ CASES = {
                    ["-m", "preprocess.build_lmdb", tmp / "blob.bin", tmp / "out"], ["blob.bin", "not a text list"]),
     "JPEG as SRC": (lambda tmp, split: (tmp / "a.jpg").write_bytes(encode(np.zeros((8, 8, 3), np.uint8))) and
                     ["-m", "preprocess.build_lmdb", tmp / "a.jpg", tmp / "out"], ["a.jpg", "a JPEG image"]),
-    "tarball as SRC": (lambda tmp, split: write_tar(tmp / "t.tar.gz") or
-                       ["-m", "preprocess.build_lmdb", tmp / "t.tar.gz", tmp / "out"], ["t.tar.gz", "unpack it"]),
+    "flat tar without --labels": (lambda tmp, split: write_tar(tmp / "t.tar") or
+                                  ["-m", "preprocess.build_lmdb", tmp / "t.tar", tmp / "out"],
+                                  ["t.tar", "no class folder", "--labels"]),
+    "merge of one part": (lambda tmp, split: ["-m", "preprocess.merge", tmp / "m", split],
+                          ["a whole split, not a part"]),
     "truncated HDF5": (lambda tmp, split: (tmp / "t.h5").write_bytes((split.parent / "s.h5").read_bytes()[:3000]) and
                        ["-m", "preprocess.build_lmdb", tmp / "t.h5", tmp / "out", "--format", "hdf5"],
                        ["t.h5", "cannot be read as HDF5"]),

@@ -115,7 +115,11 @@ def test_devkit_ground_truth_with_meta_mat_ids_not_in_wnid_order(train, rng):
     vals = il.val_images(rng, n=16)
     il.write_val_flat(str(tmp / "val_flat"), vals)
     gt = il.write_devkit(str(tmp / "devkit" / "data"), vals)
-    expected = {name: il.WNIDS.index(w) for name, w, _ in vals}
+    il.write_val_sorted(str(tmp / "val_sorted"), vals)
+    build(str(tmp / "val_sorted"), str(tmp / "v_sorted"), size=32, quiet=True, workers=1,
+          classes_from=str(tmp / "train_split"))  # what users do today: sort into folders, then build
+    expected = {os.path.basename(r["source"]): r["label"] for r in read_plain(tmp / "v_sorted")[1]}
+    assert expected == {name: il.WNIDS.index(w) for name, w, _ in vals}
     assert any(il.DEVKIT_IDS[w] - 1 != expected[n] for n, w, _ in vals)  # ID − 1 would be wrong
     for extra in (["--classes-from", tmp / "train_split"], []):  # without it: the devkit's sorted leaves
         out = tmp / f"v{len(extra)}"
