@@ -304,6 +304,12 @@ class BuildLock(FolderLock):
         os.remove(os.path.join(out, self.name))
 
 
+def record_order(n, seed, shuffle):
+    """Which input each record position holds: a seeded permutation (a sequential read then mixes classes),
+    or the input order with ``shuffle=False``; parts take consecutive runs of it (``sources.Part``)."""
+    return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+
+
 def decompressed(src, out, quiet):
     """A gzip-compressed tar, decompressed once beside OUT, since reading images in place needs random access
     (kept for --resume, removed once the build is complete). An archive cut short keeps what it holds: its
@@ -331,10 +337,14 @@ def decompressed(src, out, quiet):
             while chunk := raw.read(1 << 20):
                 bar.update(len(chunk))
                 while chunk:
-                    f.write(gz.decompress(chunk))
-                    chunk = gz.unused_data if gz.eof else b""  # concatenated gzip members (cat a.gz b.gz)
-                    if chunk:
+                    if gz.eof:  # another gzip member (cat a.gz b.gz), or zeros padding the file: ignored
+                        if not chunk.strip(b"\0"):
+                            break
                         gz = zlib_ng.decompressobj(wbits=31)
+                    f.write(gz.decompress(chunk, 1 << 24))  # bounded: 1 MiB of zeros may hold 1 GiB
+                    chunk = gz.unused_data if gz.eof else gz.unconsumed_tail
+            while not gz.eof and (more := gz.decompress(gz.unconsumed_tail, 1 << 24)):
+                f.write(more)
             if not gz.eof:  # what came before the cut is kept, and its listing reports the truncation
                 f.write(gz.flush())
                 print(f"warning: {src}: the gzip stream ends early: the archive was cut short", file=sys.stderr)
@@ -389,18 +399,21 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
                          "or move it away yourself")
     if os.path.lexists(tmp) and not os.path.isdir(tmp):
         raise BuildError(f"{tmp} exists and is not a folder; the build writes there: move it away")
+    classes, names = None, {}
+    if classes_from is not None:
+        try:
+            other = fmt.read_meta(classes_from)
+        except fmt.FormatError as exc:
+            raise BuildError(f"--classes-from: {exc}") from None
+        classes = other["classes"]
+        names = dict(zip(classes, other.get("class_names") or []))
+    for option, path in (("--labels", labels), ("--class-names", class_names)):
+        if path is not None and not os.path.isfile(path):
+            raise BuildError(f"{option} {path}: no such file")
     gz = format in (None, "tar") and os.path.isfile(src) and is_gzip(src)
     lock = BuildLock(tmp, out) if gz else None  # decompressing is part of the build: one at a time
     try:
         read_from = decompressed(src, out, quiet) if gz else src
-        classes, names = None, {}
-        if classes_from is not None:
-            try:
-                other = fmt.read_meta(classes_from)
-            except fmt.FormatError as exc:
-                raise BuildError(f"--classes-from: {exc}") from None
-            classes = other["classes"]
-            names = dict(zip(classes, other.get("class_names") or []))
         source = open_source(read_from, fmt=format, root=root, split=split, h5_images=h5_images,
                              h5_labels=h5_labels, classes=classes, allow_outside_root=allow_outside_root,
                              labels=labels, workers=workers or default_workers(), quiet=quiet, shown=src)
@@ -415,11 +428,18 @@ def build(src, out, *, format=None, root=None, split="train", h5_images="images"
                                     "named by their class"})
         for w in source.warnings:  # even with --quiet: they are problems in the input
             print(f"warning: {w['source']}: {w['reason']}", file=sys.stderr)
+        for k, skip in enumerate(source.skipped[:5]):  # found while listing: damage, links not followed, ...
+            more = f" (and {len(source.skipped) - 5} more: meta.json's skipped)" if k == 4 < len(source.skipped) - 5 else ""
+            print(f"skipped: {skip['source']}: {skip['reason']}{more}", file=sys.stderr)
+        if strict and source.skipped:
+            first = source.skipped[0]
+            raise BuildError(f"{first['source']}: {first['reason']} (--strict makes any skip an error; "
+                             f"{len(source.skipped)} found while listing SRC)")
         if parts is not None:
             if len(source) < parts:
                 raise BuildError(f"--parts {parts}: SRC has only {len(source)} inputs; use at most that many "
                                  "parts")
-            source = Part(source, part, parts)
+            source = Part(source, part, parts, record_order(len(source), seed, shuffle))
         n = len(source)
         opts = Options(size, encoding, quality if encoding == "jpeg" else None, exact, max_pixels, mean_image)
         est = n * size * size * EST_BYTES_PER_PIXEL[encoding]
@@ -477,7 +497,7 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
         if not quiet:
             print(f"resuming {tmp} at input {progress['position']} of {n}", file=sys.stderr)
 
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    order = np.arange(n) if isinstance(source, Part) else record_order(n, seed, shuffle)
     bounds = np.linspace(0, n, num_shards + 1).astype(int)
     tasks = [(s, order[a:min(a + CHUNK, bounds[s + 1])].tolist())
              for s in range(num_shards)
@@ -514,9 +534,10 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
         writer.env and writer.env.close()
 
     num_records = sum(writer.counts)
-    if num_records == 0:
+    if num_records == 0 and not isinstance(source, Part):  # a part may be empty: the merge still needs it
         raise BuildError(f"{src}: no image could be packed ({len(writer.skipped)} skipped); see {tmp}")
-    summary = writer.total.summary()
+    summary = writer.total.summary() if num_records else {
+        "mean_rgb": [0.0] * 3, "std_rgb": [0.0] * 3, "pca_eigval": [0.0] * 3, "pca_eigvec": np.eye(3).tolist()}
     meta = {
         "format": fmt.FORMAT, "version": fmt.VERSION, "num_records": num_records, "classes": source.classes,
         **({"class_names": params["class_names"]} if params["class_names"] else {}),
@@ -607,7 +628,7 @@ def parse_args(argv=None):
     g.add_argument("--part", type=int, help="build only the I-th share (from 0) of --parts K into OUT, for "
                                             "preprocess.merge (default with --parts: the Slurm array task, "
                                             "or a Kubernetes indexed Job's JOB_COMPLETION_INDEX)")
-    g.add_argument("--parts", type=int, nargs="?", const=-1, help="how many shares SRC is split into (given without "
+    g.add_argument("--parts", type=int, nargs="?", const="env", help="how many shares SRC is split into (given without "
                                                                   "a number: SLURM_ARRAY_TASK_COUNT)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build of OUT (a finished one: "
                                                          "nothing to do)")
@@ -620,17 +641,29 @@ def parse_args(argv=None):
 
 
 def part_from_env(part, parts, env=os.environ):
-    """``--part``/``--parts``, defaulting to the Slurm array (task IDs need not start at 0) or a Kubernetes
-    indexed Job; a default that cannot be found is an error naming the variable."""
-    if parts == -1:
+    """``--part``/``--parts``, defaulting to the Slurm array (task IDs need not start at 0, and may step) or a
+    Kubernetes indexed Job; a default that cannot be found or read is an error naming the variable."""
+    def number(name):
+        try:
+            return int(env[name])
+        except ValueError:
+            raise BuildError(f"{name}={env[name]!r} is not an integer; give --part I --parts K") from None
+
+    if parts == "env":
         if "SLURM_ARRAY_TASK_COUNT" not in env:
             raise BuildError("--parts without a number takes SLURM_ARRAY_TASK_COUNT, which is not set; give --parts K")
-        parts = int(env["SLURM_ARRAY_TASK_COUNT"])
+        parts = number("SLURM_ARRAY_TASK_COUNT")
     if parts is not None and part is None:
         if "SLURM_ARRAY_TASK_ID" in env:
-            part = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+            first = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+            offset = number("SLURM_ARRAY_TASK_ID") - first
+            if step < 1 or offset % step:
+                raise BuildError(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']} is not on the array's steps "
+                                 f"(from {first} by {step}); give --part I")
+            part = offset // step
         elif "JOB_COMPLETION_INDEX" in env:
-            part = int(env["JOB_COMPLETION_INDEX"])
+            part = number("JOB_COMPLETION_INDEX")
         else:
             raise BuildError(f"--parts {parts} without --part: give --part I, or run it as a Slurm array task "
                              "(SLURM_ARRAY_TASK_ID) or a Kubernetes indexed Job (JOB_COMPLETION_INDEX)")
@@ -640,8 +673,8 @@ def part_from_env(part, parts, env=os.environ):
 def main(argv=None):
     args = vars(parse_args(argv))
     src, out = args.pop("src"), args.pop("out")
-    args["part"], args["parts"] = part_from_env(args["part"], args["parts"])
     try:
+        args["part"], args["parts"] = part_from_env(args["part"], args["parts"])
         build(src, out, **args)
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)

@@ -49,7 +49,7 @@ def read_class_names(path):
         return {w: words[w] for w in sorted(ids.values())}
     names = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -99,7 +99,7 @@ class ImageLabels:
 def read_labels(path):
     """The labels file named by ``--labels``: Kaggle's csv or the devkit's ground truth (with meta.mat)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (spreadsheet exports) is no content
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: cannot read the labels file ({exc})") from None

@@ -23,7 +23,7 @@ from preprocess.stats import PixelStats
 
 MERGE_FILE = "merge.json"  # marks OUT.partial as a merge in progress: a later merge may clear it
 SAME = ("size", "encoding", "quality", "classes")  # meta.json fields every part must share
-SAME_BUILD = ("exact", "max_pixels", "mean_image", "h5_images", "h5_labels")  # the input itself: part.digest
+SAME_BUILD = ("exact", "max_pixels", "mean_image", "h5_images", "h5_labels", "seed", "shuffle")  # input: digest
 
 
 class MergeError(BuildError):
@@ -41,6 +41,7 @@ def _read_parts(paths):
             raise MergeError(f"{path}: not a packed split ({exc})") from None
         if "part" not in meta:
             raise MergeError(f"{path}: a whole split, not a part (build parts with --part I --parts K)")
+        _check_part(path, meta)
         for shard in meta["shards"]:  # a part copied from another machine may be incomplete
             try:
                 fmt.open_shard(os.path.join(path, shard["path"])).close()
@@ -87,6 +88,21 @@ def _read_parts(paths):
     if end != first["part"]["of"]:
         raise MergeError(f"the parts hold inputs 0..{end - 1} of {first['part']['of']}; rebuild the last part")
     return ordered
+
+
+def _check_part(path, meta):
+    """The ``part`` field's entries have their types: a part from elsewhere is checked, not trusted."""
+    p = meta["part"]
+    ok = (isinstance(p, dict) and all(type(p.get(k)) is int and p[k] >= 0 for k in ("index", "count", "of"))
+          and p["index"] < p["count"] and isinstance(p.get("digest"), str)
+          and isinstance(p.get("inputs"), list) and len(p["inputs"]) == 2
+          and all(type(i) is int for i in p["inputs"]) and 0 <= p["inputs"][0] <= p["inputs"][1] <= p["of"]
+          and (p.get("image_sum") is None or (isinstance(p["image_sum"], str) and
+                                              os.path.basename(p["image_sum"]) == p["image_sum"])))
+    if not ok:
+        raise MergeError(f"{path}/meta.json: field part is damaged ({_show(p)}); rebuild this part")
+    if meta["mean_image"] and not p.get("image_sum"):
+        raise MergeError(f"{path}: has a mean image but no {IMAGE_SUM_FILE}; rebuild this part")
 
 
 def _show(value):
@@ -149,6 +165,8 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
         skipped += meta["skipped"]
         warnings += meta.get("warnings", [])
         for shard, first_key in zip(meta["shards"], fmt.first_keys(meta)):
+            if shard["num_records"] == 0:  # a part whose inputs were all skipped
+                continue
             name = fmt.shard_name(len(shards))
             src = os.path.join(path, shard["path"], "data.mdb")
             os.mkdir(os.path.join(tmp, name))
@@ -156,8 +174,18 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
             shards.append({"path": name, "num_records": shard["num_records"], "first_key": first_key,
                            "stats": shard["stats"]})
         if first["mean_image"]:
-            part_sum = np.load(os.path.join(path, meta["part"]["image_sum"]), allow_pickle=False)
+            sum_path = os.path.join(path, meta["part"]["image_sum"])
+            try:
+                part_sum = np.load(sum_path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise MergeError(f"{sum_path}: unreadable ({exc}); restore the part or rebuild it") from None
+            shape = (first["size"], first["size"], 3)
+            if part_sum.shape != shape or part_sum.dtype != np.int64:
+                raise MergeError(f"{sum_path}: {part_sum.dtype} {list(part_sum.shape)}, expected int64 "
+                                 f"{list(shape)}; rebuild the part")
             image_sum = part_sum if image_sum is None else image_sum + part_sum
+    if not shards:
+        raise MergeError("the parts hold no records at all (every input was skipped); see their meta.json")
     if sum(s["stats"]["images"] for s in shards) != total.images:
         raise MergeError("the parts' shard statistics do not add up to their totals; a part is damaged: rebuild it")
     meta = {

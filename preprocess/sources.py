@@ -37,6 +37,16 @@ def _label_limit(n):
     return max(MAX_CLASSES_WITHOUT_LIST, 2 * n)
 
 
+def printable(name):
+    """``name`` as text that JSON and msgpack can hold: a file name that is not UTF-8 (read by Python with
+    surrogate escapes) gets ``\\xNN`` escapes for its odd bytes."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _digest(*parts):
     h = hashlib.sha256()
     for p in parts:
@@ -58,10 +68,10 @@ class FileSource:
         return self.labels[i]
 
     def name(self, i):
-        return self.paths[i]
+        return printable(self.paths[i])
 
     def digest(self):
-        return _digest(self.paths, self.labels, self.classes)
+        return _digest([printable(p) for p in self.paths], self.labels, self.classes)
 
     def load(self, indices):
         for i in indices:
@@ -163,14 +173,14 @@ def image_folder(src, class_map=None):
         if not found:
             raise SourceError(f"{os.path.join(src, c)}: class folder holds no image files "
                               f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
-        if class_map is not None and c not in class_map:
-            raise SourceError(f"{os.path.join(src, c)}: class {c!r} is not among the --classes-from split's "
-                              f"{len(class_map)} classes")
+        if class_map is not None and printable(c) not in class_map:
+            raise SourceError(f"{printable(os.path.join(src, c))}: class {printable(c)!r} is not among the "
+                              f"--classes-from split's {len(class_map)} classes")
         paths += found
-        labels += [class_map[c] if class_map is not None else own_label] * len(found)
+        labels += [class_map[printable(c)] if class_map is not None else own_label] * len(found)
     if class_map is not None:
         classes = sorted(class_map, key=class_map.get)
-    return FileSource(src, paths, labels, classes, skipped=skipped)
+    return FileSource(src, paths, labels, [printable(c) for c in classes], skipped=skipped)
 
 
 def labelled_folder(src, labels, class_map=None):
@@ -400,14 +410,17 @@ class CifarSource:
 
 
 class Part:
-    """The ``index``-th of ``count`` shares of a source: inputs ``[index·N // count, (index+1)·N // count)`` of
-    its listing, a rule that needs nothing but N, so parts built anywhere are disjoint and cover every input.
-    What listing found (skipped links, warnings) belongs to part 0, so the parts' union is the whole."""
+    """The ``index``-th of ``count`` shares of a source: positions ``[index·N // count, (index+1)·N // count)``
+    of the whole build's record order ``order`` (its seeded permutation of the N inputs), kept in that order.
+    The rule needs nothing but N and the seed, so parts built anywhere are disjoint, cover every input, and
+    laid end to end give the single build's records in its order. What listing found (skipped links,
+    warnings) belongs to part 0, so the parts' union is the whole."""
 
-    def __init__(self, source, index, count):
+    def __init__(self, source, index, count, order):
         n = len(source)
         self.source, self.index, self.count, self.total = source, index, count, n
         self.start, self.stop = index * n // count, (index + 1) * n // count
+        self.inputs = [int(i) for i in order[self.start:self.stop]]
         self.classes = source.classes
         self.class_names = getattr(source, "class_names", None)
         self.skipped = source.skipped if index == 0 else []
@@ -417,16 +430,16 @@ class Part:
         return self.stop - self.start
 
     def label(self, i):
-        return self.source.label(self.start + i)
+        return self.source.label(self.inputs[i])
 
     def name(self, i):
-        return self.source.name(self.start + i)
+        return self.source.name(self.inputs[i])
 
     def digest(self):
-        return _digest(self.source.digest(), self.index, self.count)
+        return _digest(self.source.digest(), self.index, self.count, self.inputs)
 
     def load(self, indices):
-        return self.source.load([self.start + i for i in indices])
+        return self.source.load([self.inputs[i] for i in indices])
 
     def describe(self):
         """The ``part`` field of the part's meta.json."""
@@ -446,9 +459,18 @@ def detect(src):
         head = f.read(512)
     if head[:8] == b"\x89HDF\r\n\x1a\n":
         return "hdf5"
-    if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+    if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b" or _v7_tar(head):
         return "tar"
     return "list"
+
+
+def _v7_tar(head):
+    """A tar without the ustar magic (old Unix V7 format): a first header whose checksum holds."""
+    try:
+        return len(head) == 512 and int(head[148:156].split(b"\0", 1)[0].strip() or b"-1", 8) == \
+            sum(head) - sum(head[148:156]) + 256
+    except ValueError:
+        return False
 
 
 def open_source(src, *, fmt=None, root=None, split="train", h5_images="images", h5_labels="labels",

@@ -15,7 +15,7 @@ import tarfile
 
 from tqdm import tqdm
 
-from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, SourceError, _digest
+from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, SourceError, _digest, printable
 
 TAR_END = 1024  # two zero blocks end a tar; writers then pad with zeros (to 10240-byte records, or more)
 
@@ -61,7 +61,7 @@ class _Window(io.RawIOBase):
 
 def _clean(name):
     """A member name as a relative path ('./a/b' and '/a/b' are 'a/b'), or None when it leaves the archive."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = [p for p in name.split("/") if p not in ("", ".")]
     return None if ".." in parts else "/".join(parts)
 
 
@@ -71,13 +71,19 @@ def _is_image(name):
 
 _ZERO_BLOCK = bytes(512)
 _PLAIN_TYPES = b"0\x001234567"  # files, links, devices, folders, FIFOs, contiguous files: no extension headers
+_GNU_MAGIC = b"ustar  \x00"
+
+
+def _nts(field):
+    return field.split(b"\0", 1)[0]
 
 
 def _fast_members(fd, offset, size):
     """The members of a plain ustar or GNU tar, parsed straight from their headers as tarfile would report
     them, about 5x faster than tarfile (listing ImageNet's train tar is 1.28 million headers); None for anything
     else (pax or GNU extension headers, sparse files, base-256 sizes, a bad checksum, no end marker), which
-    tarfile then reads."""
+    tarfile then reads. A member is (name, data offset, size, is a regular file, is sparse, hard link target
+    or None)."""
     out, pos = [], 0
     while pos + 512 <= size:
         h = os.pread(fd, 512, offset + pos)
@@ -86,29 +92,31 @@ def _fast_members(fd, offset, size):
         if len(h) < 512 or h[156] not in _PLAIN_TYPES or h[124] & 0x80:
             return None
         try:
-            if int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8) != sum(h) - sum(h[148:156]) + 256:
+            if int(_nts(h[148:156]).strip() or b"-1", 8) != sum(h) - sum(h[148:156]) + 256:
                 return None
-            length = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            length = int(_nts(h[124:136]).strip() or b"0", 8)
         except ValueError:
             return None
-        name = h[:100].split(b"\0", 1)[0]
+        name = _nts(h[:100])
         if h[257:263] == b"ustar\x00" and h[345]:  # POSIX ustar: a path prefix (GNU tar's magic has none)
-            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+            name = _nts(h[345:500]) + b"/" + name
         name = os.fsdecode(name)
         isdir = h[156] == ord("5") or (h[156] == 0 and name.endswith("/"))
         isfile = h[156] in b"0\x007" and not isdir
         name = name.rstrip("/") if isdir else name
-        out.append((name, pos + 512, length, isfile, False))
+        link = os.fsdecode(_nts(h[157:257])) if h[156] == ord("1") else None
+        out.append((name, pos + 512, length, isfile, False, link))
         pos += 512 + ((length + 511) // 512 * 512 if isfile else 0)
     return None
 
 
-def _tarfile_members(fd, offset, size, where):
-    """The members as tarfile reads them, and why the listing stopped early (or None)."""
+def _tarfile_members(fd, offset, size):
+    """The members as tarfile reads them (as ``_fast_members`` gives them), and why the listing stopped early
+    (or None)."""
     try:
         tf = tarfile.open(fileobj=_Window(fd, offset, size), mode="r:")
     except tarfile.ReadError as exc:
-        raise SourceError(f"{where}: not a readable tar archive ({exc})") from None
+        return [], f"not a readable tar archive ({exc})"
     members = []
     while True:
         try:
@@ -117,18 +125,24 @@ def _tarfile_members(fd, offset, size, where):
             return members, f"the archive ends early ({exc}): it was cut short"
         if m is None:
             return members, None
-        members.append((m.name, m.offset_data, m.size, m.isfile(), m.issparse()))
+        name = m.name
+        h = os.pread(fd, 512, offset + m.offset)
+        prefix = os.fsdecode(_nts(h[345:500]))
+        if h[257:265] == _GNU_MAGIC and prefix and name.startswith(prefix + "/"):
+            name = name[len(prefix) + 1:]  # tarfile reads a GNU header's access time as a ustar prefix
+        members.append((name, m.offset_data, m.size, m.isfile(), m.issparse(), m.linkname if m.islnk() else None))
 
 
-def _scan(path, offset, size, where):
-    """The members of the tar at ``offset`` (``size`` bytes) of ``path``, as (name, data offset, size,
-    is a regular file, is sparse), and a problem (the archive ends early, or holds data that is no tar header)
-    or None."""
+def _scan(path, offset, size):
+    """The members of the tar at ``offset`` (``size`` bytes) of ``path`` (``_fast_members``), and a problem
+    (not a tar, the archive ends early, or holds data that is no tar header) or None."""
     fd = os.open(path, os.O_RDONLY)
     try:
         members, problem = _fast_members(fd, offset, size), None
         if members is None:
-            members, problem = _tarfile_members(fd, offset, size, where)
+            members, problem = _tarfile_members(fd, offset, size)
+            if not members and problem:
+                return [], problem
         end = max([m[1] + m[2] for m in members], default=0)
         rest = size - ((end + 511) // 512 * 512)
         last = f" after {members[-1][0]}" if members else ""
@@ -166,17 +180,22 @@ class TarSource(FileSource):
             offset, size = self.spans[i]
             data = os.pread(self._fd, size, offset)
             if len(data) < size:
-                yield MissingFile("truncated", f"the archive ends {size - len(data)} bytes into this "
-                                               f"{size}-byte member")
+                yield MissingFile("truncated", f"the archive ends {len(data)} bytes into this {size}-byte member")
             else:
                 yield data
 
 
+def _folder_order(rel):
+    """ImageFolder's order of image paths: by folder, then by name (``sources._walk_links``)."""
+    return os.path.dirname(rel), os.path.basename(rel)
+
+
 def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quiet=True, shown=None):
-    """A TarSource for ``archive``: top-level ``C.tar`` members are classes (ILSVRC-2012's train tar),
-    ``C/…/image`` members are images of class C, and top-level images take their class from ``labels``
-    (``preprocess.imagenet_labels``: the image's name without extension -> class). ``root`` is the folder
-    inside the archive to read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive). Unless ``quiet``, a
+    """A TarSource for ``archive``: top-level ``C.tar`` members are classes (ILSVRC-2012's train tar), and
+    ``C/…/image`` members images of class C; with ``labels`` (``preprocess.imagenet_labels``), every image
+    takes its class from its file name instead, wherever it is. ``root`` is the folder inside the archive to
+    read (e.g. ``ILSVRC/Data/CLS-LOC/val`` in Kaggle's archive). A hard link packs its target's bytes, as
+    extracting would; symbolic links, devices and damage are listed in ``skipped``. Unless ``quiet``, a
     progress bar counts the inner tars listed. Messages name the archive ``shown`` (default: ``archive``), e.g.
     the compressed original of a decompressed copy."""
     if is_gzip(archive):  # the builder decompresses it first (build_lmdb.decompressed)
@@ -184,76 +203,97 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
                           "(gunzip -k) and pass the .tar")
     prefix = _clean(root) + "/" if root and _clean(root) else ""
     shown = shown or archive
-    size = os.path.getsize(archive)
-    outer, problem = _scan(archive, 0, size, shown)
-    skipped, warnings, found, inner, inner_classes = [], [], {}, [], []
+    outer, problem = _scan(archive, 0, os.path.getsize(archive))
+    if problem and not outer:
+        raise SourceError(f"{shown}: {problem}")
+    skipped, warnings, found, spans, inner, escaped = [], [], {}, {}, [], []
     if problem:
-        warnings.append({"source": shown, "reason": problem})
+        skipped.append({"source": shown, "reason": problem})
 
-    def add(name, offset, length, isfile, sparse, where):
-        rel = _clean(name)
-        if rel is None:
-            skipped.append({"source": f"{where}{name}", "reason": "member name leaves the archive ('..'); not read"})
+    def add(name, offset, length, isfile, sparse, link, where):
+        full = _clean(name)
+        if full is None:
+            skipped.append({"source": printable(where + name), "reason": "member name leaves the archive ('..'); "
+                                                                          "not read"})
             return
-        if not rel.startswith(prefix) or not _is_image(rel):
+        if isfile and not sparse:
+            spans[full] = (offset, length)
+        elif link is not None and _clean(link) in spans:
+            spans[full] = spans[_clean(link)]  # a hard link: its target's bytes, as extracting gives
+        if not full.startswith(prefix) or not _is_image(full):
             return
-        rel = rel[len(prefix):]
-        if not isfile or sparse:
-            skipped.append({"source": rel, "reason": "not a regular file in the archive (a link, device or sparse "
-                                                     "file); not followed"})
+        rel = printable(full[len(prefix):])
+        if rel != full[len(prefix):]:
+            escaped.append(rel)
+        if full not in spans:
+            why = (f"a hard link to {link}, which is not in the archive before it" if link is not None else
+                   "not a regular file in the archive (a symbolic link, device or sparse file); not followed")
+            skipped.append({"source": rel, "reason": why})
             return
         if rel in found:
             warnings.append({"source": rel, "reason": "in the archive twice; the later copy is packed, as tar "
                                                       "would extract it"})
-        found[rel] = (offset, length)
+        found[rel] = spans[full]
 
-    for name, offset, length, isfile, sparse in outer:
+    for name, offset, length, isfile, sparse, link in outer:
         rel = _clean(name)
-        if isfile and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix:
-            inner.append((archive, offset, length, f"{shown}:{rel}"))
-            inner_classes.append(rel[:-4])
+        if isfile and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix and labels is None:
+            inner.append(((archive, offset, length), rel))
         else:
-            add(name, offset, length, isfile, sparse, "")
+            add(name, offset, length, isfile, sparse, link, "")
     if inner:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(inner))) if workers > 1 else _Serial() as pool:
-            scans = tqdm(pool.imap(_scan_inner, inner, chunksize=4), total=len(inner), unit="tar", file=sys.stderr,
-                         desc=f"listing {os.path.basename(archive)}", disable=quiet, dynamic_ncols=True)
-            for (_, offset, _, where), cls, (members, problem) in zip(inner, inner_classes, scans):
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(inner))) if workers > 1 else _Serial()
+        with pool:
+            scans = tqdm(pool.imap(_scan_inner, [args for args, _ in inner], chunksize=4), total=len(inner),
+                         unit="tar", file=sys.stderr, desc=f"listing {os.path.basename(shown)}", disable=quiet,
+                         dynamic_ncols=True)
+            for ((_, offset, _), rel), (members, problem) in zip(inner, scans):
+                where = f"{shown}:{rel}"
                 if problem:
-                    warnings.append({"source": where, "reason": problem})
-                for name, off, length, isfile, sparse in members:
-                    add(f"{cls}/{name}", offset + off, length, isfile, sparse, f"{where}:")
-    flat = sorted(r for r in found if "/" not in r)
-    classes = sorted({r.split("/", 1)[0] for r in found if "/" in r and not r.startswith(".")})
-    if flat and labels is None:
-        raise SourceError(f"{shown}: {len(flat)} image(s) at the top level{' of ' + root if prefix else ''} "
-                          f"(e.g. {flat[0]}) have no class folder; give their labels with --labels FILE "
-                          "(LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt)")
-    if flat and classes:
-        raise SourceError(f"{shown}: both class folders (e.g. {classes[0]}) and top-level images (e.g. "
-                          f"{flat[0]}); pack one kind at a time, choosing it with --root")
+                    skipped.append({"source": where, "reason": problem})
+                if not members and problem:
+                    continue  # not a tar: listed in skipped, no class
+                before, cls = len(found), rel[:-4]
+                for name, off, length, isfile, sparse, link in members:
+                    add(f"{cls}/{name}", offset + off, length, isfile, sparse,
+                        None if link is None else f"{cls}/{link}", f"{where}:")
+                if len(found) == before and not problem:
+                    raise SourceError(f"{where}: class tar holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                                      "remove it or add its images")
+    if escaped:
+        warnings.append({"source": shown, "reason": f"{len(escaped)} member name(s) are not UTF-8 (e.g. "
+                                                    f"{escaped[0]}); their sources are written with \\x escapes"})
+    where_root = f" under {root}" if prefix else ""
     if not found:
-        raise SourceError(f"{shown}: no image members{' under ' + root if prefix else ''} "
-                          f"({', '.join(IMAGE_EXTENSIONS)})")
-    if flat:
-        paths = flat
+        raise SourceError(f"{shown}: no image members{where_root} ({', '.join(IMAGE_EXTENSIONS)})")
+    if labels is not None:
+        paths = sorted(found, key=_folder_order)
         names = [labels.class_of(p, shown) for p in paths]
         classes = labels.classes(class_map)
         index = {c: i for i, c in enumerate(classes)}
-        lab = [index[c] for c in names]
+        return TarSource(archive, paths, [found[p] for p in paths], [index[c] for c in names], classes, skipped,
+                         warnings)
+    flat = sorted(r for r in found if "/" not in r)
+    paths = sorted((r for r in found if "/" in r and not r.startswith(".")),
+                   key=lambda r: (r.split("/", 1)[0],) + _folder_order(r))
+    if not paths:
+        raise SourceError(f"{shown}: {len(flat)} image(s){where_root} (e.g. {flat[0]}) and no class folder; give "
+                          "their labels with --labels FILE (LOC_val_solution.csv, or the devkit's "
+                          "ILSVRC2012_validation_ground_truth.txt), or read a folder of the archive with --root")
+    for r in flat:  # ImageFolder reads class folders only
+        skipped.append({"source": r, "reason": "outside any class folder; not packed"})
+    classes = sorted({r.split("/", 1)[0] for r in paths})
+    if class_map is not None:
+        for c in classes:
+            if c not in class_map:
+                raise SourceError(f"{shown}: class {c!r} is not among the --classes-from split's "
+                                  f"{len(class_map)} classes")
+        index = class_map
+        classes = sorted(class_map, key=class_map.get)
     else:
-        if class_map is not None:
-            for c in classes:
-                if c not in class_map:
-                    raise SourceError(f"{shown}: class {c!r} is not among the --classes-from split's "
-                                      f"{len(class_map)} classes")
-        index = class_map if class_map is not None else {c: i for i, c in enumerate(classes)}
-        paths = sorted((r for r in found if not r.startswith(".")),
-                       key=lambda r: (r.split("/", 1)[0], os.path.dirname(r), os.path.basename(r)))
-        lab = [index[p.split("/", 1)[0]] for p in paths]
-        if class_map is not None:
-            classes = sorted(class_map, key=class_map.get)
-    return TarSource(archive, paths, [found[p] for p in paths], lab, classes, skipped, warnings)
+        index = {c: i for i, c in enumerate(classes)}
+    return TarSource(archive, paths, [found[p] for p in paths], [index[p.split("/", 1)[0]] for p in paths], classes,
+                     skipped, warnings)
 
 
 class _Serial:

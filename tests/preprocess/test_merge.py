@@ -12,15 +12,11 @@ import pytest
 from datasets import LMDBDataset, make_loader
 from preprocess.build_lmdb import BuildError, build, part_from_env
 from preprocess.merge import MergeError, merge
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, encode, random_rgb, run_cli
 from tests.preprocess import imagenet_like as il
 from tests.preprocess.test_build import _kill_mid_build, read_plain
 
 ARGS = ["--size", 72, "--shards", 2, "--mean-image", "--quiet"]
-
-
-def as_multiset(records):
-    return sorted((r["label"], r["image"], r["source"]) for r in records)
 
 
 @pytest.fixture
@@ -46,7 +42,7 @@ def test_three_parts_from_three_processes_merge_into_a_single_build(train_tar, t
     assert "3 parts" in proc.stderr and "linked" in proc.stderr
     meta, records = read_plain(tmp_path / "merged")
     ref_meta, ref_records = read_plain(tmp_path / "whole")
-    assert as_multiset(records) == as_multiset(ref_records)
+    assert records == ref_records  # the single build's records, in its seeded order, not only as a multiset
     for key in ("mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "stats", "classes", "size", "encoding"):
         assert meta[key] == ref_meta[key], key
     assert np.array_equal(np.load(tmp_path / "merged" / "mean_image.npy"), np.load(tmp_path / "whole" / "mean_image.npy"))
@@ -83,12 +79,37 @@ def test_merge_refuses_parts_that_do_not_make_one_split(train_tar, tmp_path):
     refused(r"p1: given twice", parts[0], parts[1], parts[1], parts[2])
     refused(r"copy_of_p1: part 1 of 3 again \(also .*p1\)", parts[0], parts[1], tmp_path / "copy_of_p1", parts[2])
     refused(r"whole: a whole split, not a part", parts[0], tmp_path / "whole")
+    build(str(train_tar), str(tmp_path / "seeded"), size=72, shards=2, quiet=True, part=1, parts=3, workers=1,
+          mean_image=True, seed=5)
+    refused(r"seeded: built with seed 5, but .*p0 with 0", parts[0], tmp_path / "seeded", parts[2])
+    shutil.copytree(parts[1], tmp_path / "p1_no_sum")
+    os.truncate(tmp_path / "p1_no_sum" / "image_sum.npy", 100)
+    refused(r"p1_no_sum/image_sum.npy: unreadable", parts[0], tmp_path / "p1_no_sum", parts[2])
+    meta = json.loads((parts[1] / "meta.json").read_text())
+    shutil.copytree(parts[1], tmp_path / "p1_damaged")
+    (tmp_path / "p1_damaged" / "meta.json").write_text(json.dumps({**meta, "part": {**meta["part"], "inputs": [3]}}))
+    refused(r"p1_damaged/meta.json: field part is damaged", parts[0], tmp_path / "p1_damaged", parts[2])
     shutil.copytree(parts[2], tmp_path / "p2_rsync_cut")  # a part copied from another machine, cut short
     data = tmp_path / "p2_rsync_cut" / "shard-00001" / "data.mdb"
     os.truncate(data, os.path.getsize(data) // 2)
     refused(r"p2_rsync_cut/shard-00001/data.mdb: .* the file is truncated", parts[0], parts[1], tmp_path / "p2_rsync_cut")
     proc = run_cli("preprocess.merge", tmp_path / "m", parts[0], check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_part_whose_inputs_are_all_skipped_is_built_and_merged(tmp_path, rng):
+    """Four inputs, two undecodable, four parts: the parts holding a bad input are empty splits, and the merge
+    still equals the single build."""
+    il.write_folder(str(tmp_path / "src"), {"a": {"x.jpg": encode(random_rgb(rng, 40, 40)), "y.jpg": b"bad"},
+                                             "b": {"x.jpg": b"also bad", "y.jpg": encode(random_rgb(rng, 40, 40))}})
+    for i in range(4):
+        build(str(tmp_path / "src"), str(tmp_path / f"p{i}"), size=24, quiet=True, part=i, parts=4, workers=1)
+    build(str(tmp_path / "src"), str(tmp_path / "whole"), size=24, quiet=True, workers=1)
+    merge(str(tmp_path / "m"), [str(tmp_path / f"p{i}") for i in range(4)], quiet=True)
+    meta, records = read_plain(tmp_path / "m")
+    ref_meta, ref_records = read_plain(tmp_path / "whole")
+    assert records == ref_records and meta["stats"] == ref_meta["stats"]
+    assert sorted(s["source"] for s in meta["skipped"]) == sorted(s["source"] for s in ref_meta["skipped"])
 
 
 def test_parts_of_other_inputs_are_refused(train_tar, tmp_path, rng):
@@ -140,11 +161,21 @@ def test_merge_replaces_only_with_overwrite_and_clears_an_interrupted_merge(trai
 def test_part_and_parts_default_to_slurm_and_kubernetes():
     assert part_from_env(None, None, {}) == (None, None)
     slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert part_from_env(None, -1, slurm) == (2, 4)  # --parts without a number; task IDs 3..6
+    assert part_from_env(None, "env", slurm) == (2, 4)  # --parts without a number; task IDs 3..6
+    stepped = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"}
+    assert part_from_env(None, 4, stepped) == (2, 4)  # --array=1-7:2 runs tasks 1, 3, 5, 7
+    for env, name in (({"JOB_COMPLETION_INDEX": "abc"}, "JOB_COMPLETION_INDEX='abc' is not an integer"),
+                      ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"},
+                       "not on the array's steps")):
+        with pytest.raises(BuildError, match=name):
+            part_from_env(None, 4, env)
     assert part_from_env(None, 8, {"JOB_COMPLETION_INDEX": "7"}) == (7, 8)
     assert part_from_env(1, 8, slurm) == (1, 8)  # given wins
     with pytest.raises(BuildError, match="SLURM_ARRAY_TASK_COUNT, which is not set"):
-        part_from_env(None, -1, {})
+        part_from_env(None, "env", {})
+    proc = subprocess.run([sys.executable, "-m", "preprocess.build_lmdb", "src", "out", "--parts", "2"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "JOB_COMPLETION_INDEX": "x"})
+    assert proc.returncode == 2 and "is not an integer" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(BuildError, match="without --part"):
         part_from_env(None, 3, {})
 

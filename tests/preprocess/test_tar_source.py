@@ -1,8 +1,10 @@
 """Tar archives read in place, and ImageNet's validation labels, against folder builds of the same images and
 labels worked out by the test from what it wrote."""
 import gzip
+import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import zlib
@@ -85,7 +87,10 @@ def test_truncated_archive_and_truncated_member_are_skipped_and_reported(tmp_pat
     reasons = {s["source"]: s["reason"] for s in meta["skipped"]}
     assert reasons["c/cut.jpg"].startswith("truncated JPEG")
     assert reasons["c/last.jpg"].startswith("truncated") and "archive ends" in reasons["c/last.jpg"]
-    assert any("cut short" in w["reason"] for w in meta["warnings"]) and "cut short" in proc.stderr
+    assert f"the archive ends {len(jpeg) // 3} bytes into this {len(jpeg)}-byte member" in reasons["c/last.jpg"]
+    assert "cut short" in reasons[str(tmp_path / "cut.tar")] and "cut short" in proc.stderr
+    strict = run_cli("preprocess.build_lmdb", tmp_path / "cut.tar", tmp_path / "o2", "--strict", check=False)
+    assert strict.returncode == 2 and "cut short" in strict.stderr and "--strict" in strict.stderr
 
 
 def test_kaggle_labels_on_a_flat_tar_and_a_flat_folder(train, rng):
@@ -153,7 +158,7 @@ def test_label_file_problems_are_named(train, rng, monkeypatch):
             build(str(tmp / src), str(tmp / "o"), size=32, quiet=True, workers=1, **kw)
 
     fails(rf"{vals[-1][0]} has no label in .*LOC_val_solution.csv", labels=csv_path)
-    fails("have no class folder; give their labels with --labels", src="val.tar")
+    fails("and no class folder; give their labels with --labels", src="val.tar")
     gt = il.write_devkit(str(tmp / "dk"), vals)
     os.remove(tmp / "dk" / "meta.mat")
     fails("meta.mat is missing", labels=gt)
@@ -206,7 +211,7 @@ def test_a_gzip_tar_cut_short_keeps_what_it_holds(tmp_path, rng):
     proc = run_cli("preprocess.build_lmdb", tmp_path / "cut.tgz", tmp_path / "o", "--size", 24)
     meta, recs = read_plain(tmp_path / "o")
     assert "gzip stream ends early" in proc.stderr and 1 <= len(recs) < 4
-    assert any("cut short" in w["reason"] for w in meta["warnings"])
+    assert any("cut short" in w["reason"] for w in meta["skipped"])
     plain = zlib.decompress(data, wbits=31)  # the same tar as two concatenated gzip members (cat a.gz b.gz)
     (tmp_path / "two.tgz").write_bytes(gzip.compress(plain[:5000]) + gzip.compress(plain[5000:]))
     build(str(tmp_path / "two.tgz"), str(tmp_path / "two"), size=24, quiet=True, workers=1)
@@ -285,9 +290,10 @@ def test_header_parser_agrees_with_tarfile(tmp_path, tar_format):
             tf.addfile(info)
         il.add_bytes(tf, "c/é ü.jpg", b"utf-8 name")
     with tarfile.open(tmp_path / "a.tar") as tf:
-        expected = [(m.name, m.offset_data, m.size, m.isfile(), m.issparse()) for m in tf.getmembers()]
+        expected = [(m.name, m.offset_data, m.size, m.isfile(), m.issparse(), m.linkname if m.islnk() else None)
+                    for m in tf.getmembers()]
     size = os.path.getsize(tmp_path / "a.tar")
-    members, problem = _scan(str(tmp_path / "a.tar"), 0, size, "a.tar")
+    members, problem = _scan(str(tmp_path / "a.tar"), 0, size)
     assert members == expected and problem is None
     fd = os.open(tmp_path / "a.tar", os.O_RDONLY)
     try:
@@ -295,3 +301,109 @@ def test_header_parser_agrees_with_tarfile(tmp_path, tar_format):
     finally:
         os.close(fd)
     assert (fast is None) == (tar_format == tarfile.PAX_FORMAT or tar_format == tarfile.GNU_FORMAT)
+
+
+def _folder_and_tar(tmp_path, files, **tar_kw):
+    """The same files as a folder and as a tar made by GNU tar itself; returns (folder, tar)."""
+    folder = tmp_path / "folder"
+    for rel, data in files.items():
+        path = os.path.join(os.fsencode(folder), os.fsencode(rel))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    subprocess.run(["tar", "-C", str(folder), *tar_kw.get("args", []), "-cf", str(tmp_path / "a.tar"), "."],
+                   check=True)
+    return folder, tmp_path / "a.tar"
+
+
+def test_gnu_tar_archives_equal_folder_builds_with_odd_names_and_hard_links(tmp_path, rng):
+    """Archives as GNU tar writes them (incremental format too), with names that are not UTF-8, hold
+    backslashes or are long, and a hard link: the same records as the folder."""
+    files = {f"cat/{k}.jpg": encode(random_rgb(rng, 30, 40)) for k in range(3)}
+    files.update({"dog/a\\b.jpg": encode(random_rgb(rng, 30, 40)), "dog/" + "n" * 120 + ".jpg":
+                  encode(random_rgb(rng, 30, 40)), os.fsdecode(b"dog/caf\xe9.jpg"): encode(random_rgb(rng, 30, 40))})
+    folder, _ = _folder_and_tar(tmp_path, files)
+    os.link(folder / "cat" / "0.jpg", folder / "dog" / "same.jpg")
+    build(str(folder), str(tmp_path / "f"), size=24, quiet=True, workers=1)
+    _, want = read_plain(tmp_path / "f")
+    assert sum(r["source"] == "dog/caf\\xe9.jpg" for r in want) == 1  # escaped, so JSON and msgpack hold it
+    for kind, args in (("plain", []), ("incremental", ["--format=gnu", "-g", str(tmp_path / "snar")])):
+        os.remove(tmp_path / "a.tar")
+        subprocess.run(["tar", "-C", str(folder), *args, "-cf", str(tmp_path / "a.tar"), "."], check=True)
+        out = tmp_path / kind
+        build(str(tmp_path / "a.tar"), str(out), size=24, quiet=True, workers=1, strict=True)
+        meta, got = read_plain(out)
+        assert got == want, kind
+        assert meta["classes"] == ["cat", "dog"]
+        assert any("not UTF-8" in w["reason"] for w in meta["warnings"])
+
+
+def test_class_tar_layout_problems(tmp_path, rng):
+    """An empty class tar is refused (as an empty class folder is); an inner .tar that is no tar, or one cut
+    inside its first header, is skipped and reported; a stray top-level image is skipped, as ImageFolder
+    ignores it."""
+    def outer(path, inner):
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+            for name, data in inner.items():
+                il.add_bytes(tf, name, data)
+
+    def class_tar(n):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+            for k in range(n):
+                il.add_bytes(t, f"x{k}.JPEG", encode(random_rgb(rng, 30, 30)))
+        return buf.getvalue()
+
+    outer(tmp_path / "empty.tar", {"n1.tar": class_tar(2), "n2.tar": class_tar(0), "n3.tar": class_tar(2)})
+    with pytest.raises(SourceError, match=r"empty.tar:n2.tar: class tar holds no image files"):
+        build(str(tmp_path / "empty.tar"), str(tmp_path / "o"), size=24, quiet=True, workers=1)
+    outer(tmp_path / "odd.tar", {"n1.tar": class_tar(2), "README.tar": b"not a tar at all" * 40,
+                                 "n3.tar": class_tar(3)[:300], "preview.jpg": encode(random_rgb(rng, 30, 30))})
+    build(str(tmp_path / "odd.tar"), str(tmp_path / "o"), size=24, quiet=True, workers=1)
+    meta, recs = read_plain(tmp_path / "o")
+    assert meta["classes"] == ["n1"] and len(recs) == 2
+    reasons = {s["source"].rsplit(":", 1)[-1]: s["reason"] for s in meta["skipped"]}
+    assert "not a readable tar" in reasons["README.tar"] and "not a readable tar" in reasons["n3.tar"]
+    assert reasons["preview.jpg"] == "outside any class folder; not packed"
+
+
+def test_labels_apply_to_images_in_a_folder_of_the_archive(tmp_path, rng):
+    """`tar cf val.tar val/`: with --labels, every image takes its class from its name, wherever it is."""
+    vals = il.val_images(rng, n=6)
+    il.write_val_flat(str(tmp_path / "val"), vals)
+    subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(tmp_path / "val.tar"), "val"], check=True)
+    csv_path = il.write_kaggle(str(tmp_path / "k"), vals)
+    with open(csv_path, "rb") as f:
+        text = f.read()
+    with open(csv_path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n"))  # a spreadsheet's export: BOM, CRLF
+    for src in ("val.tar", "val"):
+        build(str(tmp_path / src), str(tmp_path / f"o_{src}"), size=24, quiet=True, workers=1, labels=csv_path)
+        meta, recs = read_plain(tmp_path / f"o_{src}")
+        assert {os.path.basename(r["source"]): meta["classes"][r["label"]] for r in recs} == \
+            {n: w for n, w, _ in vals}
+
+
+def test_a_v7_tar_without_magic_is_detected(tmp_path, rng):
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        il.add_bytes(tf, "c/x.jpg", encode(random_rgb(rng, 30, 30)))
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    data[257:265] = bytes(8)  # no magic, no version: V7
+    data[148:156] = b"        "
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    (tmp_path / "v7.tar").write_bytes(bytes(data))
+    build(str(tmp_path / "v7.tar"), str(tmp_path / "o"), size=24, quiet=True, workers=1)
+    assert [r["source"] for r in read_plain(tmp_path / "o")[1]] == ["c/x.jpg"]
+
+
+def test_gzip_padding_and_a_highly_compressed_member(tmp_path, rng):
+    """Zeros after the gzip stream (tape padding) are ignored, as gzip -t does; a member of a megabytes of
+    zeros decompresses in bounded pieces."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        il.add_bytes(tf, "c/x.jpg", encode(random_rgb(rng, 30, 30)))
+        il.add_bytes(tf, "c/zeros.bin", bytes(40 << 20))
+        il.add_bytes(tf, "c/y.jpg", encode(random_rgb(rng, 30, 30)))
+    (tmp_path / "a.tgz").write_bytes(gzip.compress(buf.getvalue()) + bytes(4096))
+    build(str(tmp_path / "a.tgz"), str(tmp_path / "o"), size=24, quiet=True, workers=1)
+    assert sorted(r["source"] for r in read_plain(tmp_path / "o")[1]) == ["c/x.jpg", "c/y.jpg"]
