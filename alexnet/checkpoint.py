@@ -17,7 +17,8 @@ import torch
 
 from datasets.format import atomic_path
 
-META_KEYS = ("classes", "size", "encoding", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "mean_image")
+META_KEYS = ("classes", "size", "encoding", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec", "mean_image",
+             "quality", "class_names")  # (and "preprocess": how the builder decoded, for alexnet.predict)
 # Keys whose change alters the shape of the model's parameters: resuming across one is an error.
 SHAPE_KEYS = (("model", "groups"), ("model", "lrn"), ("data", "crop"))
 

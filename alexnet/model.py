@@ -76,7 +76,7 @@ def lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
     computed in float32 whatever the input dtype."""
     dtype = x.dtype
     x = x.float()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # exports record the formula, not a Python call
         out = lrn_formula(x, size, alpha, beta, k)
     else:
         out = _LRNFunction.apply(x, size, alpha, beta, k)

@@ -87,8 +87,11 @@ def optimizer(cfg, params):
 
 
 def split_meta(meta):
-    """What a checkpoint keeps of the training split's meta.json."""
-    return {k: meta.get(k) for k in META_KEYS}
+    """What a checkpoint keeps of the training split's meta.json: enough to prepare new images as its records
+    were (``alexnet.predict``) and to name its classes."""
+    build = meta.get("build") or {}
+    return {k: meta.get(k) for k in META_KEYS} | {
+        "preprocess": {"exact": bool(build.get("exact", False)), "max_pixels": build.get("max_pixels")}}
 
 
 def _lock_run(out_dir):

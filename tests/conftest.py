@@ -65,6 +65,16 @@ def tiny(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def trained(tiny, tmp_path_factory):
+    """Two checkpoints of a short run on the tiny demo split (best.pt after epoch 0, last.pt after epoch 1)."""
+    out = tmp_path_factory.mktemp("run")
+    args = [sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
+            f"data.val={tiny / 'val'}", f"out_dir={out}", "train.epochs=2", "train.batch_size=64"]
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """mount(size): a tmpfs of that size under tmp_path, where the test may mount one (root, Linux); the test is

@@ -15,16 +15,6 @@ from datasets import LMDBDataset
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
-    """Two checkpoints of a short run on the tiny demo split (best.pt after epoch 0, last.pt after epoch 1)."""
-    out = tmp_path_factory.mktemp("run")
-    args = [sys.executable, "train.py", "configs/demo.yaml", f"data.train={tiny / 'train'}",
-            f"data.val={tiny / 'val'}", f"out_dir={out}", "train.epochs=2", "train.batch_size=64"]
-    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return out
-
-
 def evaluate(*args, check=True):
     proc = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)

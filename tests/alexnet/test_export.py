@@ -1,0 +1,38 @@
+"""alexnet.export: the exported program's logits against the eager model's, on uint8 RGB batches."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet import evaluation
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "pt2", "onnx"])
+def test_exported_logits_equal_the_eager_models(trained, tmp_path, kind):
+    if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        proc = run_cli("alexnet.export", tmp_path / "m.onnx", "--checkpoint", trained / "last.pt", "--format", "onnx",
+                       check=False)
+        if importlib.util.find_spec("onnx") is None:  # said plainly, nothing written
+            assert proc.returncode == 2 and "pip install onnx" in proc.stderr and not (tmp_path / "m.onnx").exists()
+        pytest.skip("onnxruntime is not installed: the ONNX file cannot be run here")
+    out = tmp_path / f"m.{kind}"
+    run_cli("alexnet.export", out, "--checkpoint", trained / "last.pt", "--format", kind)
+    info = json.loads((tmp_path / f"m.{kind}.json").read_text())
+    crop = info["input"]["shape"][2]
+    assert info["input"]["layout"] == "NCHW" and info["input"]["dtype"] == "uint8" and len(info["classes"]) == 10
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, crop, crop), dtype=np.uint8))
+    model, normalize, _ = evaluation.load_model(trained / "last.pt", torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(normalize(images)).float()
+        if kind == "torchscript":
+            got = torch.jit.load(out)(images)
+        elif kind == "pt2":
+            got = torch.export.load(out).module()(images)
+        else:
+            import onnxruntime
+            got = torch.from_numpy(onnxruntime.InferenceSession(str(out)).run(None, {"images": images.numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1])  # three different images, three different answers
