@@ -86,7 +86,7 @@ def main(argv=None):
         return 0
 
     paths = args.checkpoint or [os.path.join(config.load(args.config).out_dir, "best.pt")]
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     models = [evaluation.load_model(path, device) for path in paths]
     data = args.data or models[0][2]["config"]["data"]["val"]

@@ -53,11 +53,30 @@ def export(checkpoint_path, out, kind):
     """Write the checkpoint's network as ``kind`` to ``out`` (and its description to ``out.json``)."""
     if kind not in FORMATS:
         raise ExportError(f"--format {kind}: one of {', '.join(FORMATS)}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ExportError(f"{out}: its folder {parent} does not exist; create it first")
+    for path in (out, f"{out}.json"):
+        if os.path.isdir(path):
+            raise ExportError(f"{path}: is a folder; give a file name")
     net, ckpt = deployable(checkpoint_path)
     crop = ckpt["config"]["data"]["crop"]
     example = torch.zeros(2, 3, crop, crop, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad(), fmt.atomic_path(out) as tmp:
+    meta = ckpt["meta"]
+    description = {
+        "format": kind, "checkpoint": os.path.abspath(checkpoint_path),
+        "input": {"dtype": "uint8", "layout": "NCHW", "channels": "RGB", "shape": ["batch", 3, crop, crop],
+                  "prepare": "as alexnet.predict: the builder's decode, shorter side to split_size, centre square, "
+                             "encoded and decoded as split_encoding at split_quality, then the centre crop",
+                  "split_size": meta["size"], "split_encoding": meta["encoding"], "split_quality": meta.get("quality"),
+                  "split_preprocess": meta.get("preprocess")},
+        "output": {"dtype": "float32", "shape": ["batch", len(meta["classes"])], "meaning": "logits"},
+        "classes": meta["classes"], "class_names": meta.get("class_names")}
+    # the two files appear together or not at all: both written to temporary names, renamed at the end
+    with torch.no_grad(), fmt.atomic_path(f"{out}.json") as tmp_json, fmt.atomic_path(out) as tmp:
+        with open(tmp_json, "w", encoding="utf-8") as f:
+            json.dump(description, f, indent=1, ensure_ascii=False)
         if kind == "torchscript":
             torch.jit.save(torch.jit.trace(net, example), tmp)
         elif kind == "pt2":
@@ -71,14 +90,6 @@ def export(checkpoint_path, out, kind):
                                   "(or pip install 'alexnet-lmdb[onnx]'); torchscript and pt2 need nothing more") from None
             torch.onnx.export(net, (example,), tmp, input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: batch},), dynamo=True)
-    meta = ckpt["meta"]
-    fmt.write_json_atomic(f"{out}.json", {
-        "format": kind, "checkpoint": os.path.abspath(checkpoint_path),
-        "input": {"dtype": "uint8", "layout": "NCHW", "channels": "RGB", "shape": ["batch", 3, crop, crop],
-                  "prepare": "shorter side to the split's size, centre square, then the centre crop (alexnet.predict)",
-                  "split_size": meta["size"]},
-        "output": {"dtype": "float32", "shape": ["batch", len(meta["classes"])], "meaning": "logits"},
-        "classes": meta["classes"], "class_names": meta.get("class_names")})
     return out
 
 

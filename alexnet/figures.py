@@ -171,12 +171,17 @@ def make_figures(run_dir, data=None, *, train_limit=None, workers=2, batch_size=
     val = open_split(data, "--data")
     train = open_split(ckpt["config"]["data"]["train"], "data.train")
     evaluation.check_classes(ckpt, path, val.classes, data)
+    evaluation.check_size(ckpt, path, val.meta["size"], data, tencrop=False)
+    searched = min(len(train), train_limit if train_limit is not None else len(train))
+    if searched < NEIGHBOURS:
+        raise FigureError(f"figure 4 needs at least {NEIGHBOURS} training images to search, got {searched}"
+                          + (" (--train-limit)" if train_limit is not None else f" in {train.root}"))
     features, labels = fc7(model, normalize, make_loader(val, batch_size=batch_size, train=False, workers=workers,
                                                           crop=crop))
     predicted = model.classifier[5:](features).argmax(1).numpy()  # fc8 of the same features
     draw_confusion(confusion(predicted, labels.numpy(), len(val.classes)), val.meta.get("class_names") or
                    val.classes, out["confusion"])
-    picks = np.linspace(0, len(val) - 1, QUERIES).round().astype(int)
+    picks = np.unique(np.linspace(0, len(val) - 1, QUERIES).round().astype(int))  # fewer rows for a tiny split
     train_loader = make_loader(train, batch_size=batch_size, train=False, workers=workers, crop=crop)
     if train_limit is not None and train_limit < len(train):
         train_loader = _first(train_loader, train_limit)
@@ -208,6 +213,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.workers < 0:
+        raise FigureError(f"--workers {args.workers}: must be 0 or more")
     make_figures(args.run_dir, args.data, train_limit=args.train_limit, workers=args.workers, quiet=args.quiet)
     return 0
 

@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from alexnet import checkpoint, evaluation
 from alexnet.checkpoint import CheckpointError
-from alexnet.run import pick_device
+from alexnet.run import RunError, pick_device
 from datasets import cli, format as fmt, ten_crop
 from preprocess import image_ops
 from preprocess.build_lmdb import Options, to_record_image
-from preprocess.sources import IMAGE_EXTENSIONS
+from preprocess.sources import IMAGE_EXTENSIONS, FileSource, _walk_links, printable
 
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n")  # JPEG, PNG: bytes no UTF-8 text starts with
 
 
 class PredictError(ValueError):
@@ -33,14 +33,14 @@ class PredictError(ValueError):
 
 
 def inputs(target):
-    """Image paths of IMAGE (a file), FOLDER (its images, recursively, in sorted order) or LIST (a text file of
-    paths, one per line, relative to the list's folder; a Caffe list's trailing label is ignored)."""
+    """Image paths of IMAGE (a file), FOLDER (its images, recursively, in the builder's order and with its rules
+    for links: each real folder read once) or LIST (a text file of paths, one per line, relative to the list's
+    folder; a Caffe list's trailing label is ignored)."""
     if os.path.isdir(target):
-        found = sorted(os.path.join(d, f) for d, _, files in os.walk(target, followlinks=True) for f in files
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        found = _walk_links(target, "", os.path.realpath(target), {}, [])
         if not found:
             raise PredictError(f"{target}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        return found
+        return [os.path.join(target, f) for f in found]
     if not os.path.isfile(target):
         raise PredictError(f"{target}: no such file or folder")
     with open(target, "rb") as f:
@@ -97,35 +97,35 @@ def logits(model, normalize, images, crop, tencrop):
 
 
 def predict(paths, model, normalize, meta, crop, *, tencrop=False, batch_size=32, progress=False):
-    """Yields (path, probabilities or None, logits or None, skip reason or None) per path, in order."""
+    """Yields (path, probabilities or None, logits or None, skip reason or None) per path, in the order of
+    ``paths``. Files are read as the builder reads them (a FIFO or a folder is skipped, never waited for)."""
     opts = record_options(meta)
-    batch, names = [], []
+    files = FileSource("", list(paths), [0] * len(paths), ["?"])
+    pending, batch = [], []  # pending: (path, index into batch or a skip reason), in input order
 
     def flush():
-        out = logits(model, normalize, np.stack(batch), crop, tencrop)
-        out = out.cpu()
-        probs = torch.softmax(out, 1).numpy()
-        for name, p, z in zip(names, probs, out.numpy()):
-            yield name, p, z, None
+        out = logits(model, normalize, np.stack(batch), crop, tencrop).cpu() if batch else None
+        probs = torch.softmax(out, 1).numpy() if batch else None
+        for path, what in pending:
+            if isinstance(what, str):
+                yield path, None, None, what
+            else:
+                yield path, probs[what], out[what].numpy(), None
+        pending.clear()
         batch.clear()
-        names.clear()
 
-    for path in tqdm(paths, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+    bar = tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for path, data in zip(paths, files.load(range(len(paths)))):
+        bar.update()
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            batch.append(prepare(data, opts, path))
-            names.append(path)
-        except OSError as exc:
-            yield path, None, None, f"cannot read: {exc.strerror or exc}"
-            continue
+            batch.append(prepare(data, opts, path))  # a MissingFile (unreadable, a FIFO) is a SkipImage here
+            pending.append((path, len(batch) - 1))
         except image_ops.SkipImage as skip:
-            yield path, None, None, str(skip)
-            continue
+            pending.append((path, str(skip)))
         if len(batch) == batch_size:
             yield from flush()
-    if batch:
-        yield from flush()
+    yield from flush()
+    bar.close()
 
 
 def main(argv=None):
@@ -141,15 +141,19 @@ def main(argv=None):
     if args.top < 1 or args.batch_size < 1:
         raise PredictError("--top and --batch-size must be at least 1")
     paths = inputs(args.target)
-    model, normalize, ckpt = evaluation.load_model(args.checkpoint, pick_device(args.device))
+    model, normalize, ckpt = evaluation.load_model(args.checkpoint, pick_device(args.device, "--device"))
     meta, crop = ckpt["meta"], ckpt["config"]["data"]["crop"]
     if args.tencrop and crop > meta["size"]:
         raise PredictError(f"{args.checkpoint}: crop {crop} is larger than the split's size {meta['size']}")
     classes, names = meta["classes"], meta.get("class_names") or meta["classes"]
+    if "preprocess" not in meta:
+        print(f"warning: {args.checkpoint} predates checkpoints that record how their split was packed; assuming "
+              "the builder's defaults (JPEG quality 90, not --exact)", file=sys.stderr)
     top = min(args.top, len(classes))
     skipped = 0
-    for path, probs, _, reason in predict(paths, model, normalize, meta, crop, tencrop=args.tencrop,
+    for raw_path, probs, _, reason in predict(paths, model, normalize, meta, crop, tencrop=args.tencrop,
                                           batch_size=args.batch_size, progress=len(paths) > 1 and not args.json):
+        path = printable(raw_path)
         if reason is not None:
             skipped += 1
             if args.json:
@@ -171,4 +175,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, (PredictError, CheckpointError, evaluation.EvaluationError, fmt.FormatError))
+    cli.run(main, (PredictError, CheckpointError, evaluation.EvaluationError, RunError, fmt.FormatError))

@@ -19,12 +19,19 @@ class RunError(RuntimeError):
     """A run that cannot start; the message says what to do."""
 
 
-def pick_device(name):
+def pick_device(name, option="train.device"):
+    """The torch device for ``name`` ('auto', 'cpu', 'cuda', 'cuda:N'); ``option`` names it in errors."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device is 'cuda' but no CUDA device is present; use 'auto' or 'cpu'")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"{option} is {name!r}: one of 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"{option} is {name!r}: one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RunError(f"{option} is {name!r} but no such CUDA device is present; use 'auto' or 'cpu'")
+    return device
 
 
 def open_split(path, key, *, readahead=False):

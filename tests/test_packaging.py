@@ -1,6 +1,7 @@
 """pip install . in a fresh virtual environment: the project installs and imports from anywhere, and says so when
 Hugging Face's datasets claims the same top-level name."""
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -18,7 +19,11 @@ def test_pip_install_in_a_fresh_venv(tmp_path):
     py = str(tmp_path / "env" / "bin" / "python")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", ROOT], cwd=work,
+    clone = tmp_path / "clone"  # the tracked files, as a fresh clone has them: setuptools builds in the tree
+    for rel in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split():
+        os.makedirs(os.path.dirname(clone / rel), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), clone / rel)
+    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", clone], cwd=work,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     check = ("import alexnet, datasets, preprocess, sys; from alexnet import AlexNet; "
@@ -39,9 +44,13 @@ def test_pip_install_in_a_fresh_venv(tmp_path):
     assert "Hugging Face's datasets 2.19.0 is installed" in proc.stderr and "own virtual environment" in proc.stderr
     os.remove(os.path.join(info, "METADATA"))
     os.rmdir(info)
-    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", ROOT],
+    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", clone],
                           cwd=work, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([py, "-W", "error", "-c", "import datasets; print(datasets.__file__)"], cwd=work,
                           capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith(ROOT), proc.stdout + proc.stderr  # editable: the checkout
+    assert proc.returncode == 0 and proc.stdout.startswith(str(clone)), proc.stdout + proc.stderr  # editable
+    os.makedirs(os.path.join(site, "datasets"))  # Hugging Face's installed after: it comes first on the path
+    open(os.path.join(site, "datasets", "__init__.py"), "w").close()
+    proc = subprocess.run([py, "-m", "alexnet.predict", "--help"], cwd=work, capture_output=True, text=True)
+    assert proc.returncode != 0 and "is not this project's" in proc.stderr and "own virtual environment" in proc.stderr

@@ -1,6 +1,7 @@
 """alexnet.export: the exported program's logits against the eager model's, on uint8 RGB batches."""
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,3 +37,12 @@ def test_exported_logits_equal_the_eager_models(trained, tmp_path, kind):
             got = torch.from_numpy(onnxruntime.InferenceSession(str(out)).run(None, {"images": images.numpy()})[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got[0], got[1])  # three different images, three different answers
+
+
+def test_export_errors_leave_nothing_behind(trained, tmp_path):
+    proc = run_cli("alexnet.export", tmp_path / "nodir" / "m.pt", "--checkpoint", trained / "last.pt", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "m.pt.json").mkdir()
+    proc = run_cli("alexnet.export", tmp_path / "m.pt", "--checkpoint", trained / "last.pt", check=False)
+    assert proc.returncode == 2 and "m.pt.json: is a folder" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.pt.json"]  # no model without its description, no temporary file

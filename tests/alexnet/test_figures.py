@@ -80,3 +80,12 @@ def test_figure4_rows_are_the_nearest_training_images(figures, trained, tiny):
 
 def test_confusion_matrix_png(figures):
     assert Image.open(figures / "confusion.png").size == (800, 800)
+
+
+def test_too_few_training_images_and_a_split_of_another_size_are_refused(figures, tiny, tmp_path):
+    proc = run_cli("alexnet.figures", figures, "--train-limit", 3, check=False)
+    assert proc.returncode == 2 and "at least 6 training images" in proc.stderr
+    from preprocess.build_lmdb import build
+    build(str(tiny / "images" / "val"), str(tmp_path / "v60"), size=60, quiet=True, classes_from=str(tiny / "train"))
+    proc = run_cli("alexnet.figures", figures, "--data", tmp_path / "v60", check=False)
+    assert proc.returncode == 2 and "--size 72" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,7 @@
 """alexnet.predict against evaluate.py on the same images: the records of a packed split, and their source files."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,3 +61,25 @@ def test_odd_and_broken_inputs_get_the_builders_treatment(trained, tiny, tmp_pat
     for bad, message in ((tmp_path / "nope", "no such file"), (tmp_path / "cut.jpg", None)):
         proc = run_cli("alexnet.predict", bad, "--checkpoint", trained / "nope.pt", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and (message or "nope.pt") in proc.stderr
+
+
+def test_folders_lists_and_odd_files_do_not_hang_or_reorder(trained, tmp_path, rng):
+    """A symlink loop lists each image once, a FIFO named like an image is skipped (never waited for), results
+    come in input order whatever is skipped, and a list whose first path starts like a BMP is still a list."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    os.symlink(".", folder / "self")
+    os.symlink(".", folder / "again")
+    os.mkfifo(folder / "pipe.jpg")
+    proc = subprocess.run([sys.executable, "-m", "alexnet.predict", folder, "--checkpoint", trained / "last.pt",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and [os.path.basename(r["image"]) for r in rows] == ["a.jpg", "pipe.jpg"]
+    assert "not a regular file" in rows[1]["skipped"]
+    (tmp_path / "BMW").mkdir()
+    shutil.copy(folder / "a.jpg", tmp_path / "BMW" / "x.jpg")
+    (tmp_path / "cars.txt").write_text("BMW/x.jpg\nmissing.jpg\nBMW/x.jpg 3\n")
+    rows = predict_json(tmp_path / "cars.txt", "--checkpoint", trained / "last.pt", "--batch-size", 2)
+    assert [os.path.basename(r["image"]) for r in rows] == ["x.jpg", "missing.jpg", "x.jpg"]
+    assert "top" in rows[0] and "skipped" in rows[1] and rows[2]["top"] == rows[0]["top"]
