@@ -10,8 +10,14 @@ import random
 import sys
 import time
 
-import numpy as np
-import torch
+# MKL (torch's CPU matrix products) reproducible run to run at a fixed thread count, unless the user says
+# otherwise: without this its kernels may depend on memory alignment, so a restarted run can end with other
+# weights. Measured cost: none within noise (docs/BENCHMARKS.md); MKL_CBWR=COMPATIBLE costs 32%.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import numpy as np  # noqa: E402 (after MKL's settings, read when it loads)
+import torch  # noqa: E402
 
 from alexnet import checkpoint, config, distributed, engine, run
 from alexnet.checkpoint import CheckpointError
