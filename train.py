@@ -12,7 +12,7 @@ import time
 
 # MKL (torch's CPU matrix products) reproducible run to run at a fixed thread count, unless the user says
 # otherwise: without this its kernels may depend on memory alignment, so a restarted run can end with other
-# weights. Measured cost: none within noise (docs/BENCHMARKS.md); MKL_CBWR=COMPATIBLE costs 32%.
+# weights. Measured cost: none within noise (bench.mkl_settings); MKL_CBWR=COMPATIBLE costs 31%.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
