@@ -78,13 +78,18 @@ def _centre(image, crop):
     return image[c:c + crop, c:c + crop]
 
 
+def _fc7(model, normalize, images):
+    """The last hidden layer's features (after its ReLU) of a uint8 batch: fc6, relu6, drop6, fc7, relu7
+    (dropout is off in eval mode)."""
+    return model.classifier[:5](torch.flatten(model.features(normalize(images)), 1)).float()
+
+
 @torch.no_grad()
 def fc7(model, normalize, loader):
-    """The last hidden layer's features (after its ReLU) of every image the loader gives, in order."""
-    head = model.classifier[:5]  # fc6, relu6, drop6, fc7, relu7 (dropout is off in eval mode)
+    """fc7 features of every image the loader gives, in order, and their labels."""
     out, labels = [], []
     for images, y in loader:
-        out.append(head(torch.flatten(model.features(normalize(images)), 1)).float())
+        out.append(_fc7(model, normalize, images))
         labels.append(y)
     return torch.cat(out), torch.cat(labels)
 
@@ -93,12 +98,11 @@ def fc7(model, normalize, loader):
 def nearest(model, normalize, train_loader, queries, k):
     """Indices of the ``k`` training images nearest each query (Euclidean, fc7), streaming: nothing of the
     training set is kept but the best ``k`` so far per query."""
-    head = model.classifier[:5]
     best_d = torch.full((len(queries), k), float("inf"))
     best_i = torch.zeros((len(queries), k), dtype=torch.long)
     seen = 0
     for images, _ in train_loader:
-        f = head(torch.flatten(model.features(normalize(images)), 1)).float()
+        f = _fc7(model, normalize, images)
         d = torch.cdist(queries, f)
         d_all = torch.cat([best_d, d], 1)
         i_all = torch.cat([best_i, torch.arange(seen, seen + len(f)).expand(len(queries), -1)], 1)

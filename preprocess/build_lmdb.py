@@ -32,7 +32,7 @@ from datasets.lock import FolderLock, LockedError
 from preprocess import image_ops
 from preprocess.imagenet_labels import read_class_names
 from preprocess.sources import FORMATS, MissingFile, Part, SourceError, inside, open_source
-from preprocess.tar_source import is_gzip
+from preprocess.tar_source import is_gzip, looks_like_tar
 from preprocess.stats import PixelStats
 
 PLAN_FILE = "plan.json"
@@ -325,7 +325,7 @@ def decompressed(src, out, quiet):
             head = zlib_ng.decompressobj(wbits=31).decompress(f.read(1 << 16), 512)
         except zlib_ng.error as exc:
             raise BuildError(f"{src}: not a readable gzip file ({exc})") from None
-    if head[257:262] != b"ustar":
+    if not looks_like_tar(head[:512]):
         raise BuildError(f"{src}: gzip-compressed, but not a tar archive; unpack it first (gunzip -k)")
     print(f"{src} is gzip-compressed: decompressing it once to {path} (about the size of the archive, since JPEGs "
           "do not compress; removed when the build is complete)", file=sys.stderr)

@@ -20,11 +20,18 @@ from preprocess.sources import IMAGE_EXTENSIONS, FileSource, MissingFile, Source
 TAR_END = 1024  # two zero blocks end a tar; writers then pad with zeros (to 10240-byte records, or more)
 
 
-def is_tar(path):
-    """True for an uncompressed (POSIX, GNU) tar file."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    return len(head) == 512 and head[257:262] == b"ustar"
+def looks_like_tar(head):
+    """True when ``head`` (a file's first 512 bytes) is a tar header: the ustar magic (POSIX, GNU), or, for
+    old V7 tars without it, a checksum that holds."""
+    return len(head) == 512 and (head[257:262] == b"ustar" or _checksum_ok(head))
+
+
+def _checksum_ok(h):
+    """The header's stored checksum equals the sum of its bytes, the checksum field counted as spaces."""
+    try:
+        return int(_nts(h[148:156]).strip() or b"-1", 8) == sum(h) - sum(h[148:156]) + 256
+    except ValueError:
+        return False
 
 
 def is_gzip(path):
@@ -91,9 +98,9 @@ def _fast_members(fd, offset, size):
             return out
         if len(h) < 512 or h[156] not in _PLAIN_TYPES or h[124] & 0x80:
             return None
+        if not _checksum_ok(h):
+            return None
         try:
-            if int(_nts(h[148:156]).strip() or b"-1", 8) != sum(h) - sum(h[148:156]) + 256:
-                return None
             length = int(_nts(h[124:136]).strip() or b"0", 8)
         except ValueError:
             return None
