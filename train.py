@@ -51,6 +51,8 @@ def main(argv=None):
 
     train_loader, val_loader, normalize = run.data(cfg, rank, world_size, device)
     meta = train_loader.meta
+    # what data.mean=image subtracts travels in every checkpoint: using the network needs no training split
+    mean_image = torch.from_numpy(fmt.read_mean_image(cfg.data.train, meta)) if cfg.data.mean == "image" else None
     net = run.model(cfg, len(meta["classes"])).to(device, memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed * 1000 + rank)  # after init (DDP copies rank 0's): each rank its own dropout
     normalize = normalize.to(device)
@@ -101,7 +103,8 @@ def main(argv=None):
             checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
                             loader=train_loader.state_dict(), rng=rng, config=resolved,
-                            meta=run.split_meta(meta), best_top1=best, epoch_totals=epoch_totals)
+                            meta=run.split_meta(meta), mean_image=mean_image, best_top1=best,
+                            epoch_totals=epoch_totals)
 
     def on_checkpoint(at_step, epoch_totals):
         nonlocal step

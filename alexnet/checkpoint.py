@@ -4,8 +4,9 @@ Keys: ``model`` (unwrapped from DDP and compile), ``optimizer``, ``scheduler``, 
 epoch in progress, or the next one), ``step`` (optimizer steps so far), ``loader`` (its position),
 ``rng`` (Python, numpy, torch, CUDA; and ``torch_ranks`` / ``cuda_ranks``, every rank's torch CPU and CUDA
 generator states), ``config`` (the resolved config, nested plain dict), ``meta`` (the training split's classes,
-size, mean, std and PCA), ``best_top1``, ``epoch_totals`` (the epoch's metric sums so far, in a mid-epoch
-checkpoint; None at an epoch's end).
+size, mean, std and PCA), ``mean_image`` (the H×W×3 float32 mean image that ``data.mean=image`` subtracts, so
+that using the network needs no training split; None otherwise), ``best_top1``, ``epoch_totals`` (the epoch's
+metric sums so far, in a mid-epoch checkpoint; None at an epoch's end).
 """
 import errno
 import os
