@@ -70,11 +70,19 @@ def main(argv=None):
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        checkpoint.set_rng_state(ckpt["rng"], rank, world_size, device)
+        try:
+            train_loader.load_state_dict(ckpt["loader"])
+        except ValueError as exc:
+            raise CheckpointError(f"{last}: {exc}; resume with the settings it was written with, or start over "
+                                  "with --fresh") from None
+        checkpoint.set_rng_state(ckpt["rng"], rank, device)
         epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        totals = ckpt.get("epoch_totals")
-        totals = totals[rank] if isinstance(totals, list) and len(totals) == world_size else None
+        totals = engine.share_totals(ckpt.get("epoch_totals"), rank, world_size)
+        was = ckpt["loader"]["world_size"]
+        if was != world_size and main_rank:
+            print(f"note: {last} was written by {was} process(es), this run has {world_size}: the same global "
+                  "batches from here, but other dropout and colour-shift draws (not bit-identical to a run that "
+                  "kept its processes)", flush=True)
         if best > 0 and not os.path.exists(best_path):
             print(f"warning: {best_path} is missing though {last} records a best val top-1 of {best:.1%} (a run "
                   "stopped between the two writes by an older version); it is written again at the next epoch",

@@ -9,6 +9,7 @@ that using the network needs no training split; None otherwise), ``best_top1``, 
 metric sums so far, in a mid-epoch checkpoint; None at an epoch's end).
 """
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -55,17 +56,31 @@ def rank_rng_states(device):
     return states
 
 
-def set_rng_state(state, rank=0, world_size=1, device=None):
+def set_rng_state(state, rank=0, device=None):
+    """Restore the generators; each rank its own torch streams. A rank that did not exist when they were saved
+    (a resume on more processes) gets a stream of its own, seeded from the saved ones and its rank."""
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if len(state.get("torch_ranks", [])) == world_size:
-        torch.set_rng_state(state["torch_ranks"][rank])
-    if device is not None and device.type == "cuda" and len(state.get("cuda_ranks", [])) == world_size:
-        torch.cuda.set_rng_state(state["cuda_ranks"][rank], device)
+    saved = state.get("torch_ranks") or [state["torch"]]
+    if rank < len(saved):
+        torch.set_rng_state(saved[rank])
+    else:
+        torch.manual_seed(_derived_seed(saved[0], rank))
+    if device is not None and device.type == "cuda":
+        saved = state.get("cuda_ranks") or []
+        if rank < len(saved):
+            torch.cuda.set_rng_state(saved[rank], device)
+        elif saved:
+            torch.cuda.manual_seed(_derived_seed(saved[0], rank))
+
+
+def _derived_seed(generator_state, rank):
+    """A 63-bit seed from a saved generator state and a rank: the same on every restart, other for each rank."""
+    digest = hashlib.blake2b(generator_state.numpy().tobytes() + rank.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def save(path, **contents):

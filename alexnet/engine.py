@@ -33,6 +33,22 @@ def new_totals():
     return {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "wait": 0.0, "elapsed": 0.0}
 
 
+def share_totals(saved, rank, world_size):
+    """This rank's share of a mid-epoch checkpoint's per-rank sums (None at an epoch's end). On another number
+    of processes than wrote them, rank 0 takes all the counts (they are summed over ranks at the epoch's end)
+    and the saved rank 0's times; the other ranks start from zero."""
+    if not isinstance(saved, list) or not saved:
+        return None
+    if len(saved) == world_size:
+        return saved[rank]
+    if rank:
+        return new_totals()
+    merged = dict(saved[0])
+    for key in ("loss_sum", "correct", "seen", "skipped"):
+        merged[key] = sum(t.get(key, 0) for t in saved)
+    return merged
+
+
 def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step, autocast, log_every=20,
                     checkpoint_every=0, on_checkpoint=None, stop=None, totals=None, show=True):
     """One pass over ``loader`` (from its position, adding to ``totals`` of the batches before it).
@@ -97,8 +113,8 @@ def train_one_epoch(model, loader, normalize, optimizer, *, device, epoch, step,
     loss_total, correct_total, count, skipped = distributed.all_sum(
         [totals["loss_sum"], totals["correct"], totals["seen"], totals["skipped"]], device)
     stats = {"train_loss": loss_total / max(count, 1), "train_top1": correct_total / max(count, 1),
-             "images_per_s": count / max(totals["elapsed"], 1e-9), "data_wait": totals["wait"] / max(totals["elapsed"], 1e-9),
-             "skipped_records": int(skipped)}
+             "train_images": int(count), "images_per_s": count / max(totals["elapsed"], 1e-9),
+             "data_wait": totals["wait"] / max(totals["elapsed"], 1e-9), "skipped_records": int(skipped)}
     return stats, step, totals, stopped
 
 

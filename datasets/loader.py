@@ -232,11 +232,22 @@ class Loader:
                 "batch_size": self.batch_size, "world_size": self.world_size, "num_records": len(self.dataset)}
 
     def load_state_dict(self, state):
-        for key in ("seed", "batch_size", "world_size", "num_records"):
-            mine = self.state_dict()[key]
-            if state[key] != mine:
-                raise ValueError(f"loader state: {key} was {state[key]}, is now {mine}; the position of a "
-                                 "different data order cannot be resumed")
+        """Resume at ``state``'s position. Another number of ranks is fine when the global batch is the same:
+        the random order and the crops are planned per global batch, so the run goes on with the batches it
+        would have seen (``order="sequential"`` plans per rank: only at an epoch's start)."""
+        for key, what in (("seed", "seed"), ("num_records", "number of records")):
+            if state[key] != self.state_dict()[key]:
+                raise ValueError(f"loader state: {what} was {state[key]}, is now {self.state_dict()[key]}; the "
+                                 "position of a different data order cannot be resumed")
+        was, now = state["batch_size"] * state["world_size"], self.batch_size * self.world_size
+        if was != now:
+            raise ValueError(f"loader state: global batch was {was} ({state['batch_size']} × {state['world_size']} "
+                             f"ranks), is now {now} ({self.batch_size} × {self.world_size}); the position of a "
+                             "different data order cannot be resumed")
+        if state["world_size"] != self.world_size and self.order != "random" and state["position"]:
+            raise ValueError(f"loader state: mid-epoch with order={self.order}, whose order depends on the ranks: "
+                             f"resume on {state['world_size']} ranks (it was written by {state['world_size']}, this "
+                             f"is {self.world_size})")
         self.epoch, self.position = state["epoch"], state["position"]
 
     def _batches(self):

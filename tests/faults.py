@@ -5,9 +5,11 @@ Faults (environment variables, read once):
   itself right after optimizer step N, as a scheduler would (twice: the second lands during the save);
 - ``FAULT_KILL_AFTER_BEST=1``: SIGKILL right after best.pt is written, before last.pt;
 - ``FAULT_NAN_RANK=R`` with ``FAULT_NAN_AT_STEP=N``: rank R's loss is NaN from step N on (the others' finite);
-- ``FAULT_LOG_DROPOUT=PATH``: each rank appends its first dropout mask of each process start to PATH.RANK.
+- ``FAULT_LOG_DROPOUT=PATH``: each rank appends, at its first dropout of each process start, a hash of the state
+  of the generator that draws the mask (equal states draw equal masks) to PATH.RANK.
 Nothing here is imported by the project; it patches from outside, as a test harness.
 """
+import hashlib
 import os
 import signal
 import sys
@@ -76,12 +78,11 @@ if "FAULT_LOG_DROPOUT" in env:
     logged = {"done": False}
 
     def dropout(x, p=0.5, training=True, inplace=False):
-        out = original_dropout(x, p, training, inplace)
-        if training and not logged["done"]:
+        if training and not logged["done"]:  # the generator's state, not the output: a ReLU's zeros hide the mask
             logged["done"] = True
             with open(f"{env['FAULT_LOG_DROPOUT']}.{rank}", "a") as f:
-                f.write("".join("1" if v else "0" for v in (out.flatten()[:256] != 0).tolist()) + "\n")
-        return out
+                f.write(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest() + "\n")
+        return original_dropout(x, p, training, inplace)
 
     torch.nn.functional.dropout = dropout
 

@@ -138,6 +138,30 @@ def test_two_ranks_preempted_and_resumed_equal_uninterrupted_with_their_own_stre
 
 
 @pytest.mark.slow
+def test_a_run_requeued_on_another_number_of_processes_goes_on(tiny, tmp_path):
+    """Preempted on 1 process, requeued on 2, preempted again, finished on 1 (a cluster gives what it has): each
+    restart says so, the 2 ranks draw their own dropout masks, and the epoch's metrics count every image once."""
+    out, log = tmp_path / "run", tmp_path / "masks"
+    common = ["train.epochs=1", "train.batch_size=32", "train.log_every=1", "data.workers=1"]  # 9 steps
+    first = faulty(tiny, out, *common, env={"FAULT_SIGNAL_AT_STEP": "2"})
+    assert first.returncode == 143, first.stderr[-3000:]
+    two = faulty(tiny, out, *common, env={"FAULT_SIGNAL_AT_STEP": "3", "FAULT_LOG_DROPOUT": str(log)}, ranks=2)
+    assert two.returncode != 0 and "preempted: saved" in two.stdout, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "written by 1 process(es), this run has 2" in two.stdout
+    masks = [open(f"{log}.{r}").read().split() for r in range(2)]
+    assert masks[0][-1] != masks[1][-1], "a rank that did not exist at the save draws its own dropout masks"
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 5 and [t["seen"] for t in ckpt["epoch_totals"]] == [64 + 48, 48]
+    wrong = train(tiny, out, *common, "seed=1", check=False)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert f"{out / 'last.pt'}: loader state: seed was 0, is now 1" in wrong.stderr
+    last = faulty(tiny, out, *common)
+    assert last.returncode == 0 and "written by 2 process(es), this run has 1" in last.stdout, last.stderr[-3000:]
+    from alexnet.run import read_log
+    assert [r["train_images"] for r in read_log(out)] == [9 * 32]
+
+
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(tiny, small_disk):
     out = small_disk("420M") / "run"  # room for best.pt and last.pt (173 MB each), not for a third
     proc = train(tiny, out, "train.epochs=3", "train.batch_size=32", check=False)

@@ -109,7 +109,7 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches(coded_split, backend)
     for (x, y), (ex, ey) in zip(rest, expected[4:]):
         assert torch.equal(x, ex) and torch.equal(y, ey)
     other = make_loader(root, batch_size=9, train=True, workers=0, crop=16, seed=5)
-    with pytest.raises(ValueError, match="batch_size was 8"):
+    with pytest.raises(ValueError, match="global batch was 8"):
         other.load_state_dict(state)
 
 
@@ -229,3 +229,37 @@ def test_ranks_see_the_single_process_batches_with_the_same_crops(coded_split):
     for k, (x, y) in enumerate(single):
         assert torch.equal(x, torch.cat([ranks[0][k][0], ranks[1][k][0]]))
         assert torch.equal(y, torch.cat([ranks[0][k][1], ranks[1][k][1]]))
+
+
+def test_a_position_resumes_on_another_number_of_ranks_with_the_same_global_batches(coded_split):
+    """A run preempted on 2 processes and requeued on 1 (or the other way round) goes on with the global
+    batches, crops included, that the original number of ranks would have seen."""
+    root = coded_split[0]
+    ranks = [collect(make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=r,
+                                 world_size=2)) for r in range(2)]
+    two = make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=1, world_size=2)
+    it = iter(two)
+    for _ in range(3):
+        next(it)
+    one = make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4)
+    one.load_state_dict(two.state_dict())
+    rest = collect(one)
+    assert len(rest) == len(ranks[0]) - 3
+    for k, (x, y) in enumerate(rest, 3):
+        assert torch.equal(x, torch.cat([ranks[0][k][0], ranks[1][k][0]]))
+        assert torch.equal(y, torch.cat([ranks[0][k][1], ranks[1][k][1]]))
+    back = make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=1, world_size=2)
+    back.load_state_dict(one.state_dict() | {"position": 4})
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(collect(back), ranks[1][4:]))
+
+    with pytest.raises(ValueError, match=r"global batch was 16 \(8 × 2 ranks\), is now 12"):
+        make_loader(root, batch_size=12, train=True, workers=0, crop=16, seed=4).load_state_dict(two.state_dict())
+    with pytest.raises(ValueError, match="seed was 4, is now 5"):
+        make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=5).load_state_dict(two.state_dict())
+    seq = make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=0, world_size=2,
+                      order="sequential")
+    state = seq.state_dict() | {"position": 2}
+    with pytest.raises(ValueError, match="order=sequential.*2 ranks"):
+        make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4, order="sequential").load_state_dict(state)
+    make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4,
+                order="sequential").load_state_dict(state | {"position": 0})  # an epoch's start: any number
