@@ -89,6 +89,8 @@ class LRN(nn.Module):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x):
+        if not torch.is_autocast_enabled(x.device.type):  # no autocast region: torch 2.4's export cannot hold one
+            return lrn(x, self.size, self.alpha, self.beta, self.k)
         with torch.autocast(x.device.type, enabled=False):
             return lrn(x, self.size, self.alpha, self.beta, self.k)
 
