@@ -67,6 +67,7 @@ def main(argv=None):
     if os.path.exists(last):
         ckpt = checkpoint.load(last)
         checkpoint.check_compatible(ckpt, resolved, last)
+        checkpoint.check_same_split(ckpt, run.split_meta(meta), last, cfg.data.train)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

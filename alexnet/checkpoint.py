@@ -62,8 +62,9 @@ def set_rng_state(state, rank=0, device=None):
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # every device rank 0 saw: those that this node has
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
     saved = state.get("torch_ranks") or [state["torch"]]
     if rank < len(saved):
         torch.set_rng_state(saved[rank])
@@ -117,6 +118,18 @@ def load(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a train.py checkpoint (no 'model' and 'config')")
     return ckpt
+
+
+def check_same_split(ckpt, meta, path, split):
+    """Resuming must read the split it was trained on: one rebuilt at another size, in another encoding or from
+    other images (other statistics) would go on with other pixels under the old normalisation. ``meta`` is
+    ``run.split_meta`` of the split given now; keys an older checkpoint lacks are not compared."""
+    for key in ("classes", "size", "encoding", "quality", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec",
+                "mean_image"):
+        if key in ckpt["meta"] and ckpt["meta"][key] != meta.get(key):
+            old, new = (repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..." for v in (ckpt["meta"][key], meta.get(key)))
+            raise CheckpointError(f"{path}: it was trained on a split whose {key} was {old}, and {split}'s is {new}; "
+                                  "resume with the split it was trained on, or start over with --fresh")
 
 
 def check_compatible(ckpt, config, path):

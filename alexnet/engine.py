@@ -37,6 +37,8 @@ def share_totals(saved, rank, world_size):
     """This rank's share of a mid-epoch checkpoint's per-rank sums (None at an epoch's end). On another number
     of processes than wrote them, rank 0 takes all the counts (they are summed over ranks at the epoch's end)
     and the saved rank 0's times; the other ranks start from zero."""
+    if isinstance(saved, dict):  # written by one process before the sums were kept per rank
+        saved = [saved]
     if not isinstance(saved, list) or not saved:
         return None
     if len(saved) == world_size:

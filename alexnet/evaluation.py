@@ -28,12 +28,12 @@ def load_model(path, device):
     model = model.to(device, memory_format=torch.channels_last).eval()
     mean_image = ckpt.get("mean_image")
     if mean_image is not None:
+        if not isinstance(mean_image, torch.Tensor) or tuple(mean_image.shape) != (meta["size"], meta["size"], 3):
+            raise CheckpointError(f"{path}: its mean_image is not a {meta['size']}x{meta['size']}x3 tensor (the "
+                                  "size of its training split); the checkpoint is damaged")
         mean_image = mean_image.numpy()
     elif cfg["data"]["mean"] == "image":
         mean_image = _split_mean_image(path, cfg["data"]["train"], meta)
-    if mean_image is not None and mean_image.shape != (meta["size"], meta["size"], 3):
-        raise CheckpointError(f"{path}: its mean image is {mean_image.shape}, not the {meta['size']}x{meta['size']}x3 "
-                              "of its training split; the checkpoint is damaged")
     normalize = Normalize(meta, pca_std=0.0, mean=cfg["data"]["mean"], std=cfg["data"]["std"],
                           mean_image=mean_image).to(device).eval()
     return model, normalize, ckpt
@@ -42,12 +42,17 @@ def load_model(path, device):
 def _split_mean_image(path, train, meta):
     """The mean image of a checkpoint written before checkpoints carried it: read from its training split."""
     file = os.path.join(train, meta.get("mean_image") or fmt.MEAN_IMAGE_FILE)
+    need = (f"{path}: trained with data.mean=image by a version whose checkpoints did not carry the mean image, so "
+            f"it needs {file}, which")
     try:
-        return fmt.read_mean_image(train, meta)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: trained with data.mean=image by a version whose checkpoints did not carry "
-                              f"the mean image, so it needs {file}, which cannot be read ({exc}); put the training "
-                              "split's mean_image.npy there") from None
+        image = fmt.read_mean_image(train, meta)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{need} cannot be read ({exc or type(exc).__name__}); put the training split's "
+                              "mean_image.npy there") from None
+    if image is None or image.shape != (meta["size"], meta["size"], 3):
+        raise CheckpointError(f"{need} is {None if image is None else image.shape}, not the {meta['size']}x"
+                              f"{meta['size']}x3 of the split it was trained on; put that split's mean_image.npy there")
+    return image
 
 
 def check_classes(ckpt, path, classes, data):

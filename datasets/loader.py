@@ -228,13 +228,13 @@ class Loader:
 
     def state_dict(self):
         """Where the next batch comes from: enough to resume mid-epoch with exactly the same batches."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "order": self.order,
                 "batch_size": self.batch_size, "world_size": self.world_size, "num_records": len(self.dataset)}
 
     def load_state_dict(self, state):
         """Resume at ``state``'s position. Another number of ranks is fine when the global batch is the same:
         the random order and the crops are planned per global batch, so the run goes on with the batches it
-        would have seen (``order="sequential"`` plans per rank: only at an epoch's start)."""
+        would have seen (``order="sequential"`` plans per rank: only at an epoch's start or end)."""
         for key, what in (("seed", "seed"), ("num_records", "number of records")):
             if state[key] != self.state_dict()[key]:
                 raise ValueError(f"loader state: {what} was {state[key]}, is now {self.state_dict()[key]}; the "
@@ -244,10 +244,16 @@ class Loader:
             raise ValueError(f"loader state: global batch was {was} ({state['batch_size']} × {state['world_size']} "
                              f"ranks), is now {now} ({self.batch_size} × {self.world_size}); the position of a "
                              "different data order cannot be resumed")
-        if state["world_size"] != self.world_size and self.order != "random" and state["position"]:
-            raise ValueError(f"loader state: mid-epoch with order={self.order}, whose order depends on the ranks: "
-                             f"resume on {state['world_size']} ranks (it was written by {state['world_size']}, this "
-                             f"is {self.world_size})")
+        mid_epoch = 0 < state["position"] < state["num_records"] // was
+        order = state.get("order", self.order)  # states written before the order was kept: the same order
+        if mid_epoch and order != self.order:
+            raise ValueError(f"loader state: written mid-epoch with data.order={order}, is now {self.order}; "
+                             f"resume with data.order={order} (another order can start at the next epoch)")
+        if mid_epoch and state["world_size"] != self.world_size and self.order != "random":
+            raise ValueError(f"loader state: written mid-epoch by {state['world_size']} process(es) with "
+                             f"data.order={self.order}, whose order depends on the number of processes, and this run "
+                             f"has {self.world_size}; resume on {state['world_size']} (another number can start "
+                             "at the next epoch)")
         self.epoch, self.position = state["epoch"], state["position"]
 
     def _batches(self):

@@ -155,6 +155,11 @@ def test_a_run_requeued_on_another_number_of_processes_goes_on(tiny, tmp_path):
     wrong = train(tiny, out, *common, "seed=1", check=False)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert f"{out / 'last.pt'}: loader state: seed was 0, is now 1" in wrong.stderr
+    from preprocess.build_lmdb import build
+    build(str(tiny / "images" / "train"), str(tmp_path / "rebuilt"), size=80, workers=2, quiet=True)
+    wrong = train(tiny, out, *common, f"data.train={tmp_path / 'rebuilt'}", check=False)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert f"whose size was 72, and {tmp_path / 'rebuilt'}'s is 80" in wrong.stderr
     last = faulty(tiny, out, *common)
     assert last.returncode == 0 and "written by 2 process(es), this run has 1" in last.stdout, last.stderr[-3000:]
     from alexnet.run import read_log

@@ -48,3 +48,15 @@ def test_a_mean_image_run_needs_no_training_split_to_evaluate_predict_or_export(
     assert str(run / "old.pt") in proc.stderr and str(train / "mean_image.npy") in proc.stderr
     os.rename(tmp_path / "elsewhere", train)
     np.testing.assert_array_equal(probs_of(run / "old.pt", tiny / "val", tmp_path / "d.h5"), with_split)
+    good = (train / "mean_image.npy").read_bytes()
+    (train / "mean_image.npy").write_bytes(b"")
+    proc = probs_of(run / "old.pt", tiny / "val", tmp_path / "e.h5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot be read" in proc.stderr
+    np.save(train / "mean_image.npy", np.zeros((80, 80, 3), np.float32))
+    proc = probs_of(run / "old.pt", tiny / "val", tmp_path / "f.h5")
+    assert proc.returncode == 2 and "is (80, 80, 3), not the 72x72x3" in proc.stderr
+    (train / "mean_image.npy").write_bytes(good)
+    bad = dict(ckpt, mean_image=ckpt["mean_image"][:70])
+    torch.save(bad, run / "bad.pt")
+    proc = probs_of(run / "bad.pt", tiny / "val", tmp_path / "g.h5")
+    assert proc.returncode == 2 and "damaged" in proc.stderr and str(run / "bad.pt") in proc.stderr

@@ -259,7 +259,11 @@ def test_a_position_resumes_on_another_number_of_ranks_with_the_same_global_batc
     seq = make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, rank=0, world_size=2,
                       order="sequential")
     state = seq.state_dict() | {"position": 2}
-    with pytest.raises(ValueError, match="order=sequential.*2 ranks"):
+    with pytest.raises(ValueError, match="by 2 process.*data.order=sequential.*resume on 2"):
         make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4, order="sequential").load_state_dict(state)
-    make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4,
-                order="sequential").load_state_dict(state | {"position": 0})  # an epoch's start: any number
+    with pytest.raises(ValueError, match="with data.order=sequential, is now random"):
+        make_loader(root, batch_size=8, train=True, workers=0, crop=16, seed=4, world_size=2).load_state_dict(state)
+    for position in (0, len(seq)):  # an epoch's start or end: any number of ranks, any order
+        for order in ("sequential", "random"):
+            make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4,
+                        order=order).load_state_dict(state | {"position": position})
