@@ -2,23 +2,21 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from alexnet import evaluation
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "pt2", "onnx"])
 def test_exported_logits_equal_the_eager_models(trained, tmp_path, kind):
     if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-        proc = run_cli("alexnet.export", tmp_path / "m.onnx", "--checkpoint", trained / "last.pt", "--format", "onnx",
-                       check=False)
-        if importlib.util.find_spec("onnx") is None:  # said plainly, nothing written
-            assert proc.returncode == 2 and "pip install onnx" in proc.stderr and not (tmp_path / "m.onnx").exists()
-        pytest.skip("onnxruntime is not installed: the ONNX file cannot be run here")
+        pytest.skip("onnxruntime is not installed (pip install -e '.[test]'): the ONNX file cannot be run here")
     out = tmp_path / f"m.{kind}"
     run_cli("alexnet.export", out, "--checkpoint", trained / "last.pt", "--format", kind)
     info = json.loads((tmp_path / f"m.{kind}.json").read_text())
@@ -46,3 +44,15 @@ def test_export_errors_leave_nothing_behind(trained, tmp_path):
     proc = run_cli("alexnet.export", tmp_path / "m.pt", "--checkpoint", trained / "last.pt", check=False)
     assert proc.returncode == 2 and "m.pt.json: is a folder" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["m.pt.json"]  # no model without its description, no temporary file
+
+
+def test_onnx_without_its_packages_says_what_to_install(trained, tmp_path):
+    """Where onnx is not installed (an ``onnx.py`` that raises ImportError stands in for its absence), the
+    export says what to install and writes nothing."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "onnx.py").write_text("raise ImportError('No module named onnx')\n")
+    proc = subprocess.run([sys.executable, "-m", "alexnet.export", tmp_path / "m.onnx", "--checkpoint",
+                           trained / "last.pt", "--format", "onnx"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path / "hide")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "pip install onnx onnxscript" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
