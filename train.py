@@ -10,9 +10,9 @@ import random
 import sys
 import time
 
-# MKL (torch's CPU matrix products) reproducible run to run at a fixed thread count, unless the user says
-# otherwise: without this its kernels may depend on memory alignment, so a restarted run can end with other
-# weights. Measured cost: none within noise (bench.mkl_settings); MKL_CBWR=COMPATIBLE costs 31%.
+# Intel's setting for MKL (torch's CPU matrix products) reproducible run to run at a fixed thread count, unless
+# the user says otherwise. Measured cost: none within noise (bench.mkl_settings; MKL_CBWR=COMPATIBLE costs 31%).
+# Not sufficient for bit-identical restarts on its own (README, "Training").
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 

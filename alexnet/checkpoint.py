@@ -124,8 +124,7 @@ def check_same_split(ckpt, meta, path, split):
     """Resuming must read the split it was trained on: one rebuilt at another size, in another encoding or from
     other images (other statistics) would go on with other pixels under the old normalisation. ``meta`` is
     ``run.split_meta`` of the split given now; keys an older checkpoint lacks are not compared."""
-    for key in ("classes", "size", "encoding", "quality", "mean_rgb", "std_rgb", "pca_eigval", "pca_eigvec",
-                "mean_image"):
+    for key in (k for k in META_KEYS if k != "class_names"):  # names are labels, not pixels
         if key in ckpt["meta"] and ckpt["meta"][key] != meta.get(key):
             old, new = (repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..." for v in (ckpt["meta"][key], meta.get(key)))
             raise CheckpointError(f"{path}: it was trained on a split whose {key} was {old}, and {split}'s is {new}; "

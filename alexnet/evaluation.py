@@ -77,23 +77,28 @@ def check_size(ckpt, path, size, data, *, tencrop):
 
 
 @torch.no_grad()
+def softmax_of_crops(model, normalize, images, crop, *, tencrop, autocast):
+    """B×C float32 softmax of a uint8 [B, 3, S, S] batch: its centre crop's (a no-op where S is the crop), or
+    averaged over the paper's ten patches. The one test procedure of evaluate.py and alexnet.predict."""
+    if tencrop:
+        patches = ten_crop(images, crop).flatten(0, 1)  # [B*10, 3, crop, crop], image-major
+    else:
+        top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+        patches = images[..., top:top + crop, left:left + crop]
+    out = []
+    for chunk in patches.split(MAX_CROPS_PER_FORWARD):
+        with autocast:
+            logits = model(normalize(chunk))
+        out.append(torch.softmax(logits.float(), dim=1))
+    p = torch.cat(out)
+    return p.view(len(images), 10, -1).mean(dim=1) if tencrop else p
+
+
 def predict(model, normalize, loader, *, crop, tencrop, autocast):
     """(N×C float32 softmax, averaged over the ten patches when ``tencrop``; N labels), in record order."""
     probs, labels = [], []
     for images, y in loader:  # on ``device`` already: the loader copies ahead of use
-        if tencrop:
-            patches = ten_crop(images, crop).flatten(0, 1)  # [B*10, 3, crop, crop], image-major
-        else:
-            patches = images
-        out = []
-        for chunk in patches.split(MAX_CROPS_PER_FORWARD):
-            with autocast:
-                logits = model(normalize(chunk))
-            out.append(torch.softmax(logits.float(), dim=1))
-        p = torch.cat(out)
-        if tencrop:
-            p = p.view(len(images), 10, -1).mean(dim=1)
-        probs.append(p.cpu())
+        probs.append(softmax_of_crops(model, normalize, images, crop, tencrop=tencrop, autocast=autocast).cpu())
         labels.append(y.cpu())
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 

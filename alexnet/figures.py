@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alexnet import checkpoint, evaluation
+from alexnet import evaluation
 from alexnet.checkpoint import CheckpointError
 from alexnet.run import RunError, open_split
 from datasets import cli, format as fmt, make_loader
@@ -162,14 +162,11 @@ def save_png(array, path):
 def make_figures(run_dir, data=None, *, train_limit=None, workers=2, batch_size=64, quiet=False):
     """Write figure3.png, figure4.png and confusion.png into ``run_dir``; returns their paths."""
     path = run_checkpoint(run_dir)
-    ckpt = checkpoint.load(path)
-    groups = ckpt["config"]["model"]["groups"]
+    model, normalize, ckpt = evaluation.load_model(path, torch.device("cpu"))
     weights = ckpt["model"]["features.conv1.weight"].float().numpy()
     out = {name: os.path.join(run_dir, f"{name}.png") for name in ("figure3", "figure4", "confusion")}
-    save_png(figure3(weights, groups), out["figure3"])
+    save_png(figure3(weights, ckpt["config"]["model"]["groups"]), out["figure3"])
 
-    device = torch.device("cpu")
-    model, normalize, ckpt = evaluation.load_model(path, device)
     crop = ckpt["config"]["data"]["crop"]
     data = data or ckpt["config"]["data"]["val"]
     val = open_split(data, "--data")

@@ -8,6 +8,7 @@ pixels), then ``evaluate.py``'s centre crop, or its ten crops with their softmax
 the checkpoint's normalisation. A file that cannot become a record is skipped with the builder's reason.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alexnet import checkpoint, evaluation
+from alexnet import evaluation
 from alexnet.checkpoint import CheckpointError
 from alexnet.run import RunError, pick_device
-from datasets import cli, format as fmt, ten_crop
+from datasets import cli, format as fmt
 from preprocess import image_ops
 from preprocess.build_lmdb import Options, to_record_image
 from preprocess.sources import IMAGE_EXTENSIONS, FileSource, _walk_links, printable
@@ -81,36 +82,25 @@ def prepare(data, opts, name):
     return fmt.decode_image({"image": encoded, "shape": list(square.shape), "source": name}, opts.encoding)
 
 
-@torch.no_grad()
-def logits(model, normalize, images, crop, tencrop):
-    """Logits of a uint8 [B, S, S, 3] batch: the centre crop's, or the mean softmax of the ten crops (as
-    probabilities; ``log`` of them, so that softmax of the result is that mean)."""
-    device = next(model.parameters()).device
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    if not tencrop:
-        c = (x.shape[-1] - crop) // 2
-        return model(normalize(x[..., c:c + crop, c:c + crop])).float()
-    patches = ten_crop(x, crop).flatten(0, 1)
-    probs = torch.cat([torch.softmax(model(normalize(p)).float(), 1)
-                       for p in patches.split(evaluation.MAX_CROPS_PER_FORWARD)])
-    return probs.view(len(images), 10, -1).mean(1).log()
-
-
-def predict(paths, model, normalize, meta, crop, *, tencrop=False, batch_size=32, progress=False):
-    """Yields (path, probabilities or None, logits or None, skip reason or None) per path, in the order of
-    ``paths``. Files are read as the builder reads them (a FIFO or a folder is skipped, never waited for)."""
+def predict(paths, model, normalize, meta, crop, *, tencrop=False, batch_size=32, progress=False,
+            autocast=contextlib.nullcontext()):
+    """Yields (path, probabilities or None, skip reason or None) per path, in the order of ``paths``. Files are
+    read as the builder reads them (a FIFO or a folder is skipped, never waited for)."""
     opts = record_options(meta)
     files = FileSource("", list(paths), [0] * len(paths), ["?"])
+    device = next(model.parameters()).device
     pending, batch = [], []  # pending: (path, index into batch or a skip reason), in input order
 
     def flush():
-        out = logits(model, normalize, np.stack(batch), crop, tencrop).cpu() if batch else None
-        probs = torch.softmax(out, 1).numpy() if batch else None
+        if batch:
+            x = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2)
+            probs = evaluation.softmax_of_crops(model, normalize, x, crop, tencrop=tencrop, autocast=autocast)
+            probs = probs.cpu().numpy()
         for path, what in pending:
             if isinstance(what, str):
-                yield path, None, None, what
+                yield path, None, what
             else:
-                yield path, probs[what], out[what].numpy(), None
+                yield path, probs[what], None
         pending.clear()
         batch.clear()
 
@@ -141,7 +131,9 @@ def main(argv=None):
     if args.top < 1 or args.batch_size < 1:
         raise PredictError("--top and --batch-size must be at least 1")
     paths = inputs(args.target)
-    model, normalize, ckpt = evaluation.load_model(args.checkpoint, pick_device(args.device, "--device"))
+    device = pick_device(args.device, "--device")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as evaluate.py
+    model, normalize, ckpt = evaluation.load_model(args.checkpoint, device)
     meta, crop = ckpt["meta"], ckpt["config"]["data"]["crop"]
     if args.tencrop and crop > meta["size"]:
         raise PredictError(f"{args.checkpoint}: crop {crop} is larger than the split's size {meta['size']}")
@@ -151,8 +143,9 @@ def main(argv=None):
               "the builder's defaults (JPEG quality 90, not --exact)", file=sys.stderr)
     top = min(args.top, len(classes))
     skipped = 0
-    for raw_path, probs, _, reason in predict(paths, model, normalize, meta, crop, tencrop=args.tencrop,
-                                          batch_size=args.batch_size, progress=len(paths) > 1 and not args.json):
+    for raw_path, probs, reason in predict(paths, model, normalize, meta, crop, tencrop=args.tencrop,
+                                           batch_size=args.batch_size, progress=len(paths) > 1 and not args.json,
+                                           autocast=autocast):
         path = printable(raw_path)
         if reason is not None:
             skipped += 1
