@@ -40,11 +40,16 @@ bench: deps
 	$(PY) -m bench.evaluate
 	$(PY) -m bench.preemption
 
-# The GPU machine has torch but neither lmdb nor zlib-ng, and no registry: wheels for its Python 3.12, fetched
-# here into .wheels/ (git-ignored), travel with `carry` (docs/BENCHMARKS.md, "GPU checks").
+# What a bare GPU node may lack (its torch stays its own): wheels for CPython 3.11, 3.12 and 3.13 in the
+# git-ignored .wheels/, which travels with the check; bench.gpu_check installs from it only what does not import
+# (docs/BENCHMARKS.md, "GPU checks").
+GPU_WHEELS = lmdb zlib-ng msgpack
 gpu-wheels:
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux2014_x86_64 -d .wheels lmdb zlib-ng
+	@for v in 3.11 3.12 3.13; do \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $$v --implementation cp \
+			--platform manylinux2014_x86_64 -d .wheels $(GPU_WHEELS) || exit 1; \
+	done
+	@du -sh .wheels && ls .wheels
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -5,6 +5,7 @@ too), some smaller, about 4% with a shorter side of 512 or more (the ones a DCT-
 Content is the demo's scenes drawn at full resolution with fine texture, so that files average
 ~60–100 KiB like real photographs (decoding cost scales with the entropy-coded bytes).
 """
+import multiprocessing
 import os
 
 import cv2
@@ -36,15 +37,55 @@ def photo(rng, w, h):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_corpus(out, n, seed=0):
-    """Write n JPEGs (quality 85–95) to out/; returns their paths. Reuses an existing corpus of the same n."""
+def _draw(job):
+    """Image ``i`` of the corpus, from its own seed: the corpus is the same whatever the number of processes."""
+    path, seed, i = job
+    rng = np.random.default_rng([seed, i])
+    w, h = imagenet_size(rng)
+    cv2.imwrite(path, photo(rng, w, h), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
+
+
+def make_corpus(out, n, seed=0, workers=None):
+    """Write n JPEGs (quality 85–95) to out/; returns their paths. Reuses the images already there (a larger
+    corpus of the same seed holds a smaller one). Drawn on ``workers`` processes (default: every core), so
+    the GPU machine's 16 cores draw thousands in seconds."""
     paths = [os.path.join(out, "imgs", f"{i:06d}.jpg") for i in range(n)]
-    if all(os.path.exists(p) for p in paths):
+    jobs = [(p, seed, i) for i, p in enumerate(paths) if not os.path.exists(p)]
+    if not jobs:
         return paths
     os.makedirs(os.path.join(out, "imgs"), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for p in paths:
-        w, h = imagenet_size(rng)
-        bgr = photo(rng, w, h)
-        cv2.imwrite(p, bgr, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
+    parallel_map(_draw, jobs, workers)
+    return paths
+
+
+def parallel_map(fn, jobs, workers=None):
+    """``fn`` over ``jobs`` on forked processes (one thread of OpenCV each), or in this one for a few jobs."""
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # before the fork: a child must not inherit OpenCV's thread pool (it can hang)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _square(job):
+    src, dst, size = job
+    from preprocess import image_ops
+    with open(src, "rb") as f:
+        square = image_ops.to_square(image_ops.decode(f.read()), size)
+    cv2.imwrite(dst, square, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def squares(sources, out_dir, size=256, workers=None):
+    """``sources`` as size×size JPEG files (the builder's rescale and centre crop) in ``out_dir``, named by
+    position; returns their paths. Files already there are kept."""
+    paths = [os.path.join(out_dir, f"{i:06d}.jpg") for i in range(len(sources))]
+    jobs = [(src, dst, size) for src, dst in zip(sources, paths) if not os.path.exists(dst)]
+    if jobs:
+        os.makedirs(out_dir, exist_ok=True)
+        parallel_map(_square, jobs, workers)
     return paths

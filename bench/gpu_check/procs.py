@@ -1,0 +1,80 @@
+"""Processes and GPU memory seen from outside, for the kill -9 check: children by /proc, GPU use by nvidia-smi."""
+import os
+import subprocess
+import time
+
+
+def children(pid):
+    """The live child processes of ``pid``."""
+    kids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat(int(name))
+            if stat and stat[1] == pid and stat[0] != "Z":
+                kids.add(int(name))
+    return kids
+
+
+def _stat(pid):
+    """(state, parent pid) of ``pid``, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(pid):
+    """Running: a zombie (dead, not yet reaped by whoever adopted it) holds no memory and counts as gone."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def wait_for_children(pid, count, timeout):
+    """The children of ``pid`` once there are at least ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = children(pid)
+        if len(kids) >= count:
+            return kids
+        if not alive(pid):
+            raise RuntimeError(f"the trainer (pid {pid}) exited before its {count} loader workers started")
+        time.sleep(0.1)
+    raise RuntimeError(f"the trainer (pid {pid}) did not start {count} loader workers within {timeout} s")
+
+
+def wait_gone(pids, timeout):
+    """The pids still alive after waiting up to ``timeout`` seconds for all to end."""
+    deadline = time.monotonic() + timeout
+    left = {p for p in pids if alive(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = {p for p in left if alive(p)}
+    return left
+
+
+def _smi(query):
+    out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return [line.split(", ") for line in out.strip().splitlines() if line.strip()]
+
+
+def gpu_pids():
+    """The pids nvidia-smi lists as holding GPU memory (in a container it may list none: the host's pids)."""
+    return {int(row[0]) for row in _smi("compute-apps=pid") if row[0].isdigit()}
+
+
+def gpu_memory_used():
+    """MiB of GPU memory in use on device 0."""
+    return int(_smi("gpu=memory.used")[0][0])
+
+
+def wait_gpu_free(pids, timeout):
+    """The pids of ``pids`` nvidia-smi still lists after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    held = gpu_pids() & set(pids)
+    while held and time.monotonic() < deadline:
+        time.sleep(0.2)
+        held = gpu_pids() & set(pids)
+    return held
