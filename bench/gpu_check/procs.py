@@ -70,11 +70,11 @@ def gpu_memory_used():
     return int(_smi("gpu=memory.used")[0][0])
 
 
-def wait_gpu_free(pids, timeout):
-    """The pids of ``pids`` nvidia-smi still lists after up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    held = gpu_pids() & set(pids)
-    while held and time.monotonic() < deadline:
+def wait_gpu_memory(at_most, timeout):
+    """(MiB used, seconds waited) once device 0 uses at most ``at_most`` MiB, or when ``timeout`` runs out."""
+    t0 = time.monotonic()
+    used = gpu_memory_used()
+    while used > at_most and time.monotonic() - t0 < timeout:
         time.sleep(0.2)
-        held = gpu_pids() & set(pids)
-    return held
+        used = gpu_memory_used()
+    return used, time.monotonic() - t0

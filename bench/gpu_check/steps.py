@@ -281,8 +281,8 @@ def train(ctx):
         if "not installed" not in tb:
             failures.append(f"TensorBoard: {tb}")
     else:
-        wrong = [k for k in ("train_loss", "val_top1") if
-                 [round(v, 5) for v in tb.get(k, [])] != [round(r[k], 5) for r in rows]]
+        wrong = [k for k in ("train_loss", "val_top1") if len(tb.get(k, [])) != len(rows) or
+                 any(abs(v - r[k]) > 1e-6 * max(1.0, abs(r[k])) for v, r in zip(tb[k], rows))]  # float32 there
         tb_line = (f"TensorBoard events read back: {len(tb)} scalars, {len(tb.get('train_loss', []))} epochs, "
                    + ("equal to metrics.jsonl" if not wrong else f"NOT equal to metrics.jsonl for {wrong}"))
         if wrong:
@@ -399,14 +399,15 @@ def kill9(ctx):
     workers = ctx.sizes.workers[0]
     args = [sys.executable, "train.py", "configs/demo.yaml", f"out_dir={out}", *train_overrides(ctx, workers),
             "train.compile=false", "train.epochs=50", "--fresh"]
+    baseline = procs.gpu_memory_used() if ctx.cuda else None
     log = open(os.path.join(ctx.work, "kill9-train.log"), "w")
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        children = procs.wait_for_children(proc.pid, workers, timeout=120)
+        procs.wait_for_children(proc.pid, workers, timeout=120)
         time.sleep(1.0)  # well into the epoch: batches queued, copies in flight
-        on_gpu = procs.gpu_pids() if ctx.cuda else set()
-        used_before = procs.gpu_memory_used() if ctx.cuda else None
-        children = procs.children(proc.pid) or children
+        children = procs.children(proc.pid)
+        listed = proc.pid in procs.gpu_pids() if ctx.cuda else False
+        during = procs.gpu_memory_used() if ctx.cuda else None
         t0 = time.perf_counter()
         proc.kill()
         proc.wait()
@@ -417,18 +418,19 @@ def kill9(ctx):
             failures.append(f"{len(left)} of {len(children)} workers still alive {gone_s:.1f} s after the kill")
         elif gone_s > 5:
             failures.append(f"the workers took {gone_s:.1f} s to exit (goal: within 5 s)")
-        gpu_line = ""
+        report = (f"train.py with {workers} loader workers, killed with SIGKILL mid-epoch: {len(children)} "
+                  f"child processes, all gone {gone_s:.2f} s after the kill")
+        figures = {"workers": len(children), "gone_s": gone_s}
         if ctx.cuda:
-            held = procs.wait_gpu_free({proc.pid, *children}, timeout=10)
-            used_after = procs.gpu_memory_used()
-            gpu_line = (f"; GPU: the trainer {'was' if proc.pid in on_gpu else 'was NOT'} listed by nvidia-smi "
-                        f"before, memory used {used_before} -> {used_after} MiB after, "
-                        + ("no process of the run holds GPU memory" if not held else f"STILL HELD by pids {held}"))
-            if held:
-                failures.append(f"GPU memory still held by {held} 10 s after the kill")
-        report = (f"train.py with {workers} loader workers, killed with SIGKILL mid-epoch: "
-                  f"{len(children)} workers, all gone {gone_s:.2f} s after the kill{gpu_line}")
-        return verdict(failures, report, workers=len(children), gone_s=gone_s)
+            after, freed_s = procs.wait_gpu_memory(baseline + 256, timeout=10)
+            held = procs.gpu_pids() & {proc.pid, *children}
+            report += (f"; GPU memory used: {baseline} MiB before the run, {during} MiB during it, {after} MiB "
+                       f"{freed_s:.1f} s after the kill (the trainer {'was' if listed else 'was not'} listed by "
+                       f"nvidia-smi{'; still listed: ' + str(held) if held else ''})")
+            figures.update(baseline_mib=baseline, during_mib=during, after_mib=after)
+            if after > baseline + 256 or held:
+                failures.append(f"GPU memory not given back: {after} MiB used 10 s after the kill, {baseline} before")
+        return verdict(failures, report, **figures)
     finally:
         if proc.poll() is None:
             proc.kill()
