@@ -44,6 +44,7 @@ def main(argv=None):
     use_ddp = world_size > 1 or bool(cfg.train.ddp)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (torchrun's LOCAL_RANK)
+    run.device_settings(device)
     main_rank = rank == 0
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

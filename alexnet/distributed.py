@@ -7,14 +7,18 @@ import torch.distributed as dist
 
 def setup(device, force=False):
     """(rank, world_size), joining the process group when torchrun started more than one process (or started
-    us at all, with ``force``): NCCL on CUDA, gloo on the CPU."""
+    us at all, with ``force``): NCCL on CUDA, bound to this rank's GPU (so its barriers and collectives need not
+    guess the device), gloo on the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1 and not (force and "RANK" in os.environ):
         return 0, 1
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
     return rank, world_size
 
 

@@ -1,4 +1,5 @@
 """What train.py builds before its loop: device, data, model, optimizer, the run folder and its log."""
+import importlib.util
 import json
 import os
 import re
@@ -32,6 +33,12 @@ def pick_device(name, option="train.device"):
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise RunError(f"{option} is {name!r} but no such CUDA device is present; use 'auto' or 'cpu'")
     return device
+
+
+def device_settings(device: torch.device) -> None:
+    """Process-wide settings for training on ``device``, set once before the model is built."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: time each convolution's algorithms once, keep the best
 
 
 def open_split(path, key, *, readahead=False):
@@ -180,15 +187,20 @@ def write_config(out_dir, resolved):
 
 
 class RunLog:
-    """One JSON line per epoch in OUT/metrics.jsonl, and TensorBoard scalars when tensorboard is installed."""
+    """One JSON line per epoch in OUT/metrics.jsonl, and TensorBoard scalars in OUT/tb when tensorboard is
+    installed. metrics.jsonl is the record: any failure of TensorBoard (a broken install, an unwritable or full
+    disk) is one warning, and the run goes on without it."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        if importlib.util.find_spec("tensorboard") is None:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        except ImportError:
-            self.tb = None
+        except Exception as exc:
+            self._tb_failed(exc)
 
     def write(self, row):
         _drop_torn_line(self.path)
@@ -199,10 +211,19 @@ class RunLog:
             _drop_torn_line(self.path)
             raise RunError(f"{self.path}: {cli.explain(exc)}; the checkpoints are intact") from None
         if self.tb is not None:
-            for key, value in row.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, row["epoch"])
-            self.tb.flush()
+            try:
+                for key, value in row.items():
+                    if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                        self.tb.add_scalar(key, value, row["epoch"])
+                self.tb.flush()
+            except Exception as exc:
+                self._tb_failed(exc)
+
+    def _tb_failed(self, exc):
+        what = cli.explain(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        print(f"warning: no TensorBoard logging from here on ({what}); {self.path} records every epoch",
+              file=sys.stderr, flush=True)
+        self.tb = None
 
 
 def _drop_torn_line(path):

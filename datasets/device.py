@@ -12,6 +12,8 @@ has ``query()`` (done yet?) and ``synchronize()`` (wait until done), and ``wait(
 orders the consumer after the copy. ``CudaCopier`` is the real one; tests hold events "in flight" with their own.
 """
 import collections
+import types
+import typing
 
 
 class Copier:
@@ -25,26 +27,26 @@ class Copier:
 
 
 class CudaCopier(Copier):
-    """Copies on a side stream of ``device``; uint8 images keep their channels-last layout, labels int64."""
+    """Copies on a side stream of ``device``; uint8 images keep their channels-last layout, labels int64.
+    ``cuda`` is ``torch.cuda`` unless given: tests pass a stand-in that logs the stream calls, without CUDA."""
 
-    def __init__(self, device):
+    def __init__(self, device, *, cuda: typing.Optional[types.ModuleType] = None):
         import torch
-        self.torch, self.device = torch, torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
+        self.cuda, self.device = cuda if cuda is not None else torch.cuda, torch.device(device)
+        self.stream = self.cuda.Stream(self.device)
 
     def copy(self, images, labels):
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             d_images = images.to(self.device, non_blocking=True)
             d_labels = labels.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
+            event = self.cuda.Event()
             event.record(self.stream)
         return d_images, d_labels, event
 
     def wait(self, event, *device_tensors):
         """The consumer's stream waits for the copy, and the caching allocator learns that the consumer's
         stream uses the copies' memory (allocated on the side stream), so it is not reused too early."""
-        consumer = self.torch.cuda.current_stream(self.device)
+        consumer = self.cuda.current_stream(self.device)
         consumer.wait_event(event)
         for t in device_tensors:
             t.record_stream(consumer)

@@ -38,6 +38,8 @@ def test_demo_config_learns_the_tiny_split(tiny, tmp_path):
                 "images_per_s", "data_wait", "wall_time"):
         assert key in log[-1], key
     assert log[-1]["train_loss"] < 0.75 * log[0]["train_loss"]
+    from tests.alexnet.test_run import scalars_of, tb_scalars
+    assert tb_scalars(tmp_path / "run" / "tb") == scalars_of(log), "TensorBoard's reader: the numbers of the log"
     # chance is 0.1. The trajectory depends on the CPU's float order: on one machine 0.5 came at epoch 11, on
     # another (AVX-512) the plateau at ln 10 lasted longer and top-1 went 0.43 at epoch 20, 0.55 at 27.
     assert max(row["val_top1"] for row in log) >= 0.4, [row["val_top1"] for row in log]
