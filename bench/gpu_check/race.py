@@ -123,6 +123,8 @@ def run(root, device, reference, *, batch, crop, seed, workers, backend="process
             bad += abs(len(got) - len(expected)) + sum(not np.array_equal(g, e) for g, e in zip(got, expected))
         pool = loader._pool
         pinned.append(getattr(pool, "pinned", None) if backend == "processes" else loader.pin)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a control's copies may still read host buffers that close() unmaps
         loader.close()
     return bad, total, pinned
 
