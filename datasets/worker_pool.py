@@ -19,11 +19,13 @@ to the GPU can be asynchronous, as from pinned memory; they are unregistered on 
 """
 import collections
 import ctypes
+import fcntl
 import gc
 import mmap
 import multiprocessing
 import os
 import queue
+import select
 import signal
 import threading
 import traceback
@@ -35,7 +37,7 @@ import numpy as np
 
 from datasets import format as fmt
 
-POLL_S = 0.5  # how often an idle worker checks that its parent is alive
+POLL_S = 0.5  # how often an idle worker checks that its parent is alive (a busy one: before every task)
 
 
 class RemoteTraceback(Exception):
@@ -61,6 +63,43 @@ def _worker_error(typename, message, record, tb, pid):
     return exc
 
 
+class _TaskPipe:
+    """Tasks from the trainer to its workers: written straight into a pipe by the trainer's own thread (a Queue's
+    feeder thread would wake once per batch), read by one worker at a time, as from a Queue. A write does not block:
+    the pipe is made to hold every task that can be outstanding, one per slot and one stop per worker."""
+
+    MESSAGE_BYTES = 64  # a pickled (generation, epoch, k, slot) and its length: 59 bytes at 2**63 - 1 each
+
+    def __init__(self, ctx, most: int):
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        self._lock = ctx.Lock()
+        need, fd = most * self.MESSAGE_BYTES, self._writer.fileno()
+        # Linux: 64 KiB, or one page once the user's pipe quota is spent (macOS grows its pipes up to 64 KiB itself)
+        if hasattr(fcntl, "F_SETPIPE_SZ") and fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < need:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, need)
+            except OSError:  # past pipe-max-size or the user's quota: a full pipe's write waits for a worker's read
+                pass
+
+    def put(self, task) -> None:
+        self._writer.send(task)
+
+    def get(self, timeout: float):
+        """The next task; ``queue.Empty`` when none came within ``timeout`` s."""
+        if not self._lock.acquire(timeout=timeout):
+            raise queue.Empty
+        try:
+            if not self._reader.poll(timeout):
+                raise queue.Empty
+            return self._reader.recv()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
 def _worker(make_batches, images, labels, tasks, results, parent):
     """Build batches until told to stop or orphaned: task (generation, epoch, k, slot) -> result
     (generation, k, slot, (n, skipped records), error)."""
@@ -68,12 +107,11 @@ def _worker(make_batches, images, labels, tasks, results, parent):
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # a scheduler signals the whole job: the trainer decides, workers follow
     cached = {}
-    while True:
+    # until the trainer dies (kill -9 included): then nobody builds for it, whatever is still queued (0.2 µs a check)
+    while os.getppid() == parent:
         try:
             task = tasks.get(timeout=POLL_S)
         except queue.Empty:
-            if os.getppid() != parent:  # the trainer died (kill -9 included): nobody to build for
-                return
             continue
         if task is None:
             return
@@ -124,10 +162,19 @@ class ProcessPool:
         self._lock = threading.Lock()
         self.generation = 0
         ctx = multiprocessing.get_context("fork")
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.tasks, self.results = _TaskPipe(ctx, most=slots + workers), ctx.Queue()
+        # Only this process reads the results: straight from the queue's pipe, without the queue's lock and a new
+        # selector per call, which took half of this process's CPU time per batch (docs/BENCHMARKS.md, loader).
+        self._results_pipe = self.results._reader
+        self._results_ready = select.poll()
+        self._results_ready.register(self._results_pipe.fileno(), select.POLLIN)
         # A forked child must not inherit OpenCV's thread pool (it hangs once OpenMP, e.g. torch's, ran here).
         cv_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
+        # Nor collect this process's garbage: a cycle not yet collected here (a CUDA object, a dropped batch's
+        # lease) would be finalised in the worker too. Frozen objects are invisible to the workers' collections;
+        # unfrozen here after the fork, they are collected here as before.
+        gc.freeze()
         try:
             self.procs = [ctx.Process(target=_worker, args=(make_batches, self.images, self.labels, self.tasks,
                                                             self.results, os.getpid()), daemon=True)
@@ -135,6 +182,7 @@ class ProcessPool:
             for p in self.procs:
                 p.start()
         finally:
+            gc.unfreeze()
             cv2.setNumThreads(cv_threads)
         self._registrar, self._registered = registrar, {}
         self.closed = False
@@ -184,9 +232,7 @@ class ProcessPool:
     def _result(self):
         """The next result of any iteration; a slot whose task was abandoned goes back to the free list."""
         while True:
-            try:
-                r = self.results.get(timeout=1.0)
-            except queue.Empty:
+            if not self._results_ready.poll(1000):
                 for p in self.procs:
                     if not p.is_alive():
                         code = p.exitcode
@@ -197,6 +243,7 @@ class ProcessPool:
                         raise RuntimeError(f"loader worker (pid {p.pid}) exited unexpectedly with {how}{hint}"
                                            ) from None
                 continue
+            r = self._results_pipe.recv()
             with self._lock:
                 self._in_flight.pop(r[2], None)
             return r

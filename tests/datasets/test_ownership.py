@@ -1,4 +1,4 @@
-"""A batch the caller holds is never written again: every backend, held whole or as views, abandoned iterations,
+"""A batch the caller holds is never written again: every backend, 1 to 16 workers, held whole or as views, abandoned
 iterations that overlap, and copies to a device that are still in flight (through the event seam)."""
 import gc
 import threading
@@ -26,15 +26,17 @@ def assert_same(got, expected):
     assert not bad, f"batches {bad} of {len(expected)} differ from the workers=0 batches"
 
 
+# (workers, prefetch, batch size): an epoch of more batches than the pool has slots (workers × prefetch + 2, + 4 with
+# a device stage), so that slots are reused within it; 16 workers run on 2 cores here
 @pytest.mark.parametrize("backend", ["processes", "threads"])
-@pytest.mark.parametrize("workers,prefetch", [(1, 1), (2, 1), (2, 2), (3, 4)])
-def test_holding_every_batch_keeps_every_batch(coded_split, backend, workers, prefetch):
+@pytest.mark.parametrize("workers,prefetch,batch_size", [(1, 1, 8), (2, 1, 8), (2, 2, 8), (3, 4, 4), (16, 2, 2)])
+def test_holding_every_batch_keeps_every_batch(coded_split, backend, workers, prefetch, batch_size):
     root = coded_split[0]
-    loader = make_loader(root, batch_size=8, train=True, workers=workers, prefetch=prefetch, crop=CROP, seed=7,
-                         backend=backend)
+    loader = make_loader(root, batch_size=batch_size, train=True, workers=workers, prefetch=prefetch, crop=CROP,
+                         seed=7, backend=backend)
     for epoch in range(2):
         loader.set_epoch(epoch)
-        assert_same(list(loader), reference(root, epoch))
+        assert_same(list(loader), reference(root, epoch, batch_size=batch_size))
 
 
 def test_holding_only_views_keeps_the_batch(coded_split):
@@ -53,10 +55,12 @@ def test_holding_only_views_keeps_the_batch(coded_split):
 
 
 @pytest.mark.parametrize("backend", ["processes", "threads"])
-def test_abandoned_iterations_never_corrupt_later_ones(coded_split, backend):
+@pytest.mark.parametrize("workers,batch_size", [(2, 8), (16, 2)])
+def test_abandoned_iterations_never_corrupt_later_ones(coded_split, backend, workers, batch_size):
     root = coded_split[0]
-    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=2, crop=CROP, seed=7, backend=backend)
-    expected = reference(root, 0)
+    loader = make_loader(root, batch_size=batch_size, train=True, workers=workers, prefetch=2, crop=CROP, seed=7,
+                         backend=backend)
+    expected = reference(root, 0, batch_size=batch_size)
     for _ in range(12):
         it = iter(loader)
         first = [next(it), next(it)]
@@ -132,16 +136,17 @@ def complete_all(copier):
 
 
 @pytest.mark.parametrize("backend", ["processes", "threads"])
-def test_a_copy_in_flight_keeps_its_host_buffer(coded_split, backend):
+@pytest.mark.parametrize("workers,batch_size", [(2, 8), (16, 2)])
+def test_a_copy_in_flight_keeps_its_host_buffer(coded_split, backend, workers, batch_size):
     root = coded_split[0]
     copier = DeferredCopier()
-    loader = make_loader(root, batch_size=8, train=True, workers=2, prefetch=1, crop=CROP, seed=7, backend=backend,
-                         copier=copier)
+    loader = make_loader(root, batch_size=batch_size, train=True, workers=workers, prefetch=1, crop=CROP, seed=7,
+                         backend=backend, copier=copier)
     got = []
     for x, y in loader:
         got.append((x, y))  # "device" tensors; the host batches behind them were dropped long ago
     complete_all(copier)
-    assert_same(got, reference(root, 0))
+    assert_same(got, reference(root, 0, batch_size=batch_size))
 
 
 class _Numbered:

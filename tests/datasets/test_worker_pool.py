@@ -1,10 +1,13 @@
-"""Worker processes: they die with their parent, close() cleans up once and only once, their errors carry their
-traceback and the record, page-locking is undone when it fails, and CUDA stays untouched for a CPU loader."""
+"""Worker processes: they die with their parent (even with tasks queued), never finalise the parent's objects, close()
+cleans up once and only once, their errors carry their traceback and the record, page-locking is undone when it
+fails, and CUDA stays untouched for a CPU loader."""
+import gc
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -24,6 +27,17 @@ def alive(pid):
         return False
 
 
+def _wait_gone(pids, seconds):
+    """The pids still alive after ``seconds`` (killed then, so that a failing test leaves no orphan)."""
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left
+
+
 def test_kill_9_of_the_owner_leaves_no_worker(coded_split):
     script = textwrap.dedent(f"""
         import sys, time
@@ -41,15 +55,107 @@ def test_kill_9_of_the_owner_leaves_no_worker(coded_split):
         assert len(pids) == 2 and all(alive(p) for p in pids)
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [p for p in pids if alive(p)]
-        for p in left:
-            os.kill(p, signal.SIGKILL)
+        left = _wait_gone(pids, 10)
         assert not left, f"workers {left} outlived their owner by 10 s"
     finally:
         owner.kill()
+
+
+def test_kill_9_of_the_owner_with_tasks_queued_leaves_no_worker():
+    """150 tasks of 0.2 s queued for 3 workers (10 s of work): an orphan stops at its next task, not its last."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        from datasets.worker_pool import ProcessPool
+
+        class Slow:
+            def fill(self, k, images, labels):
+                time.sleep(0.2)
+                return len(labels), []
+
+        pool = ProcessPool(lambda epoch: Slow(), workers=3, slots=152, batch_shape=(1, 1, 1, 3))
+        run = pool.run(0, 0, 150)
+        next(run)  # every task is queued once the first batch is back
+        print(*[p.pid for p in pool.procs], flush=True)
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        left = _wait_gone(pids, 5)
+        assert not left, f"workers {left} outlived their owner by 5 s, building its queued batches"
+    finally:
+        owner.kill()
+
+
+class _Collecting:
+    """Batches whose building runs a full garbage collection in the worker, as any library call may."""
+
+    def fill(self, k, images, labels):
+        gc.collect()
+        return len(labels), []
+
+
+def test_a_collection_in_a_worker_never_finalises_the_parents_objects(tmp_path):
+    """Garbage the parent has not collected yet when the workers fork (a CUDA object, a batch's lease in a cycle)
+    is finalised once, by the parent: a worker's collection must not run its finaliser too."""
+    log = tmp_path / "finalised-by"
+
+    class Cyclic:
+        def __del__(self):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    gc.collect()
+    gc.disable()  # so that the cycle is still uncollected garbage at the fork, whatever the allocations before it
+    try:
+        cycle = Cyclic()
+        cycle.me = cycle
+        del cycle
+        pool = ProcessPool(lambda epoch: _Collecting(), workers=1, slots=3, batch_shape=(1, 1, 1, 3))
+        pids = [p.pid for p in pool.procs]
+    finally:
+        gc.enable()
+    assert len(list(pool.run(0, 0, 3))) == 3  # the worker has collected, three times
+    pool.close()
+    gc.collect()
+    finalised_by = [int(p) for p in log.read_text().split()] if log.exists() else []
+    assert finalised_by == [os.getpid()], f"finalised by {finalised_by}; parent {os.getpid()}, worker {pids}"
+
+
+
+class _Labelled:
+    """Batch k: labels k."""
+
+    def fill(self, k, images, labels):
+        labels[:] = k
+        return len(labels), []
+
+
+def test_every_task_the_pool_can_queue_fits_in_its_pipe():
+    """The trainer writes its tasks into the pipe itself, so a full pipe would block it: with 4,000 slots (4,000
+    tasks of 29 bytes at once, beyond a pipe's default 64 KiB) and the worker stopped, queueing them still returns."""
+    slots = 4000
+    pool = ProcessPool(lambda epoch: _Labelled(), workers=1, slots=slots, batch_shape=(1, 1, 1, 3))
+    worker = pool.procs[0].pid
+    os.kill(worker, signal.SIGSTOP)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(int(y[0]) for _, y, _ in pool.run(0, 0, slots - 2)))
+    try:
+        consumer.start()
+        deadline = time.monotonic() + 5
+        while len(pool._in_flight) < slots - 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = len(pool._in_flight)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    consumer.join(60)
+    pool.close()
+    assert queued == slots - 2, f"the trainer blocked after queueing {queued} of {slots - 2} tasks"
+    assert got == list(range(slots - 2))
 
 
 def test_close_twice_and_batches_held_across_close(coded_split):
