@@ -11,6 +11,7 @@ import os
 import cv2
 import numpy as np
 
+from preprocess import image_ops
 from preprocess.make_demo import CLASSES, draw_image
 
 
@@ -74,7 +75,6 @@ def parallel_map(fn, jobs, workers=None):
 
 def _square(job):
     src, dst, size = job
-    from preprocess import image_ops
     with open(src, "rb") as f:
         square = image_ops.to_square(image_ops.decode(f.read()), size)
     cv2.imwrite(dst, square, [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -1,4 +1,4 @@
-"""Loader throughput: ``python -m bench.loader [--images N] [--repeats R] [--seconds S]``.
+"""Loader throughput: ``python -m bench.loader [--images N] [--repeats R] [--seconds S] [--parent-cpu]``.
 
 On the same images, in the same run, 2 workers each, batch 128, 224 crops, two warm-up epochs each (so the
 files are in the page cache for everyone), then rounds in which every loader runs whole epochs for at least
@@ -13,6 +13,8 @@ files are in the page cache for everyone), then rounds in which every loader run
   (what the loader did before leases, unsafe), against the default.
 torchvision is not a dependency (and PyPI's build does not import beside the CPU torch here), so its
 transforms are written out with Pillow and torch, as torchvision implements them.
+
+``--parent-cpu`` measures instead what feeding costs the trainer at GPU scale (``parent_cpu``).
 """
 import argparse
 import math
@@ -28,10 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.corpus import make_corpus
+from bench.corpus import make_corpus, squares
 from datasets import LMDBDataset, loader as loader_module, make_loader
 from datasets.worker_pool import ProcessPool
-from preprocess import image_ops
 from preprocess.build_lmdb import build
 
 BATCH, WORKERS, CROP, CLASSES = 128, 2, 224, 10
@@ -106,7 +107,7 @@ def decode_only(records):
 
     def work(chunk):
         for data in chunk:
-            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+            loader_module.decode_rgb(np.frombuffer(data, np.uint8))
         return len(chunk)
 
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -120,13 +121,7 @@ def prepare(work, n):
     paths = make_corpus(work, n)
     originals = [(p, i % CLASSES) for i, p in enumerate(paths)]
     small_dir = os.path.join(work, f"small-{n}")
-    small = [(os.path.join(small_dir, f"{i:06d}.jpg"), label) for i, (p, label) in enumerate(originals)]
-    if not all(os.path.exists(p) for p, _ in small):
-        os.makedirs(small_dir, exist_ok=True)
-        for (src, _), (dst, _) in zip(originals, small):
-            with open(src, "rb") as f:
-                square = image_ops.to_square(image_ops.decode(f.read()), 256)
-            cv2.imwrite(dst, square, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    small = list(zip(squares(paths, small_dir, 256), (label for _, label in originals)))
     listing = os.path.join(work, f"loader-list-{n}.txt")
     with open(listing, "w") as f:
         f.writelines(f"{os.path.basename(p)} {label}\n" for p, label in small)
@@ -179,6 +174,52 @@ def ratio_spread(values):
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
+GPU_BATCH, GPU_RATE, PARENT_GOAL_MS = 256, 44_000, 0.3  # <= 0.3 ms a batch: <= 5% of a core at 44,000 images/s
+
+
+def parent_cpu_per_batch(loader: loader_module.Loader, seconds: float) -> tuple[float, float]:
+    """(CPU ms of this process per batch, images/s) over whole epochs, as many as take at least ``seconds``, each
+    batch dropped as it comes. ``process_time`` counts every thread of this process (finalizers included, whichever
+    thread runs them) and none of the workers: what the trainer itself pays to be fed."""
+    cpu, t0, batches, images, epoch = time.process_time(), time.perf_counter(), 0, 0, 0
+    while time.perf_counter() - t0 < seconds:
+        loader.set_epoch(epoch := epoch + 1)
+        for _, labels in loader:
+            batches, images = batches + 1, images + len(labels)
+    return (time.process_time() - cpu) / batches * 1e3, images / (time.perf_counter() - t0)
+
+
+def parent_cpu(root: str, repeats: int, seconds: float, worker_counts: tuple[int, ...] = (2, 16)) -> None:
+    """Prints the trainer process's CPU time per batch at batch 256, raw split, processes backend: the lease,
+    queues, hand-off and finalizer that a GPU trainer pays per batch on top of its own work, against the goal."""
+    loaders = {w: make_loader(root, batch_size=GPU_BATCH, train=True, workers=w, backend="processes")
+               for w in worker_counts}
+    for loader in loaders.values():  # warm-up: worker start, first touch of the maps and the shards
+        for _ in range(2):
+            epoch_speed(loader)
+    ms, speed = {w: [] for w in loaders}, {w: [] for w in loaders}
+    for _ in range(repeats):
+        for w, loader in loaders.items():
+            cost, rate = parent_cpu_per_batch(loader, seconds)
+            ms[w].append(cost)
+            speed[w].append(rate)
+    some = next(iter(loaders.values()))
+    print(f"{root}: {len(some.dataset)} raw records, batch {GPU_BATCH} ({len(some)} batches an epoch), "
+          f"{some.crop} crops, processes backend, {os.cpu_count()} cores; {repeats} rounds, each loader >= "
+          f"{seconds:g} s of whole epochs per round; min / median / max over the rounds\n")
+    print(f"| workers | trainer CPU per batch, ms | share of a core at {GPU_RATE:,} images/s (median) | images/s |\n"
+          "|---|---|---|---|")
+    for w in loaders:
+        share = statistics.median(ms[w]) / 1e3 * GPU_RATE / GPU_BATCH
+        print(f"| {w} | {min(ms[w]):.3f} / {statistics.median(ms[w]):.3f} / {max(ms[w]):.3f} | {share:.1%} | "
+              f"{spread(speed[w])} |")
+    worst = max(max(v) for v in ms.values())
+    print(f"\ngoal <= {PARENT_GOAL_MS} ms a batch: {'met' if worst <= PARENT_GOAL_MS else 'missed'} (worst round "
+          f"{worst:.3f} ms)")
+    for loader in loaders.values():
+        loader.close()
+
+
 BASE = "baseline A: ImageFolder 256x256 JPEG, PIL, DataLoader"
 LIMIT = "decode-only limit: cv2.imdecode, 2 threads"
 
@@ -189,8 +230,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="rounds; every figure is min / median / max over them")
     p.add_argument("--seconds", type=float, default=4.0, help="least time per measurement (whole epochs)")
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "alexnet-bench-corpus"))
+    p.add_argument("--parent-cpu", action="store_true",
+                   help=f"only the trainer's CPU time per batch at batch {GPU_BATCH}, raw split, 2 and 16 workers")
     args = p.parse_args(argv)
     originals, small, splits = prepare(args.dir, args.images)
+    if args.parent_cpu:
+        return parent_cpu(splits["raw"], args.repeats, args.seconds)
     ds = LMDBDataset(splits["jpeg"])
     jpeg_records = [r["image"] for r in ds.records(range(len(ds)))]
 

@@ -92,6 +92,18 @@ def augmentation(seed, epoch, rank, batch, count, size, crop, train, world_size=
     return tops[mine], lefts[mine], flips[mine]
 
 
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10: decoded straight to RGB, no second pass
+
+
+def decode_rgb(data):
+    """An encoded image as RGB uint8 H×W×3 (None if it does not decode); older OpenCV builds decode BGR and
+    convert, so a machine with its own OpenCV still loads."""
+    if _IMREAD_RGB is not None:
+        return cv2.imdecode(data, _IMREAD_RGB)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def fill_batch(dataset, indices, out, tops, lefts, flips, skip_corrupt=False):
     """Decode records ``indices`` and write their crops (flipped where asked) into ``out`` [B, crop, crop, 3];
     returns (labels, skipped). Images are read in place from the memory-mapped shards: no copy but the crop.
@@ -112,7 +124,7 @@ def fill_batch(dataset, indices, out, tops, lefts, flips, skip_corrupt=False):
                 fmt.decode_image(rec, "raw", where=dataset.where(i))  # raises, naming the record
             image = image.reshape(rec["shape"])
         else:
-            image = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
+            image = decode_rgb(np.frombuffer(rec["image"], np.uint8))
             if image is None or list(image.shape) != rec["shape"]:
                 fmt.decode_image(rec, dataset.encoding, where=dataset.where(i))  # raises, naming the record
         patch = image[tops[b]:tops[b] + crop, lefts[b]:lefts[b] + crop]

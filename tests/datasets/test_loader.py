@@ -129,7 +129,12 @@ def test_sequential_order_is_local_and_complete(coded_split):
     assert loader.dataset.readahead
 
 
-def test_jpeg_split_decodes_like_the_reference(jpeg_split):
+@pytest.mark.parametrize("straight_to_rgb", [True, False])
+def test_jpeg_split_decodes_like_the_reference(jpeg_split, monkeypatch, straight_to_rgb):
+    """Also with an OpenCV older than 4.10 (no IMREAD_COLOR_RGB: decoded BGR, then converted)."""
+    if not straight_to_rgb:
+        from datasets import loader as loader_module
+        monkeypatch.setattr(loader_module, "_IMREAD_RGB", None)
     ds = LMDBDataset(jpeg_split)
     x, y = next(iter(make_loader(jpeg_split, batch_size=24, train=False, workers=2, crop=48)))
     for img, label, i in zip(x.numpy(), y.tolist(), range(24)):
