@@ -96,7 +96,7 @@ def main(argv=None):
     if main_rank:
         print(config.yaml_dump(resolved), flush=True)
         run.write_config(cfg.out_dir, resolved)
-    log = run.RunLog(cfg.out_dir) if main_rank else None
+    log = run.RunLog(cfg.out_dir, start_epoch=epoch) if main_rank else None  # rows from here on are run again
 
     model = net
     if use_ddp:
@@ -105,14 +105,15 @@ def main(argv=None):
         model = torch.compile(model)  # after DDP, so the compiler splits graphs at DDP's gradient buckets
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
-    def save(path, next_epoch, epoch_totals=None):
+    def save(path, next_epoch, epoch_totals=None, also=None, position=None):
         rng = {**checkpoint.rng_state(), **checkpoint.rank_rng_states(device)}
         if epoch_totals is not None:  # every rank's own sums (its share of the epoch), restored per rank
             epoch_totals = distributed.gather_dicts(epoch_totals, device)
         if main_rank:
-            checkpoint.save(path, model=net.state_dict(), optimizer=optimizer.state_dict(),
+            checkpoint.save(path, also=also, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler={}, epoch=next_epoch, step=step,
-                            loader=train_loader.state_dict(), rng=rng, config=resolved,
+                            loader={**train_loader.state_dict(), **({} if position is None else {"position": position})},
+                            rng=rng, config=resolved,
                             meta=run.split_meta(meta), mean_image=mean_image, best_top1=best,
                             epoch_totals=epoch_totals)
 
@@ -130,10 +131,17 @@ def main(argv=None):
                 model, train_loader, normalize, optimizer, device=device, epoch=epoch, step=step, autocast=autocast,
                 log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every,
                 on_checkpoint=on_checkpoint, stop=stop, totals=totals, show=main_rank and sys.stderr.isatty())
+            # the epoch's training, kept before validating (its loader at the end): a failure there loses none of it
+            save(last, epoch, totals, position=None if stopped else len(train_loader))
             if stopped:
-                save(last, epoch, totals)
                 return stop.exit(main_rank, last, epoch, step, t_start)
-            val = engine.evaluate(model, val_loader, normalize, device=device, autocast=autocast)
+            try:
+                val = engine.evaluate(model, val_loader, normalize, device=device, autocast=autocast)
+            except fmt.FormatError as exc:
+                raise run.RunError(f"{exc}. data.skip_corrupt covers training only (validation scores every record). "
+                                   f"To go on: python -m preprocess.verify {cfg.data.val} lists the damage; rebuild "
+                                   f"the split or restore the shard from a copy, then run the same command: it resumes "
+                                   f"at epoch {epoch}'s validation ({last} holds its training)") from None
             scheduler.step(val["val_top1"])
             improved = val["val_top1"] > best
             best = max(best, val["val_top1"])
@@ -146,9 +154,7 @@ def main(argv=None):
                 print(f"epoch {epoch}: train loss {stats['train_loss']:.3f} top-1 {stats['train_top1']:.1%} | "
                       f"val loss {val['val_loss']:.3f} top-1 {val['val_top1']:.1%} top-5 {val['val_top5']:.1%} | "
                       f"{stats['images_per_s']:.0f} img/s, data wait {stats['data_wait']:.0%}", flush=True)
-            if improved:  # best.pt before last.pt: last.pt never records a best that best.pt does not hold
-                save(best_path, epoch + 1)
-            save(last, epoch + 1)
+            save(last, epoch + 1, also=best_path if improved else None)  # best.pt: the same file, linked
             totals = None
             if distributed.any_rank([stop.requested], device)[0]:
                 return stop.exit(main_rank, last, epoch + 1, step, t_start)
@@ -156,10 +162,11 @@ def main(argv=None):
         print(f"stopped: {exc}. The last good checkpoint is kept in {cfg.out_dir}.", file=sys.stderr)
         return 1
     except fmt.FormatError as exc:
+        again = f"it resumes from {last}" if os.path.exists(last) else "it starts over (no checkpoint yet)"
         raise run.RunError(f"{exc}. To go on: python -m preprocess.verify {cfg.data.train} lists the damage; rebuild "
-                           "the split or restore the shard from a copy, then run the same command (it resumes from "
-                           "the last checkpoint); or set data.skip_corrupt=true to log and replace corrupt records"
-                           ) from None
+                           f"the split or restore the shard from a copy, then run the same command ({again})"
+                           + ("" if cfg.data.skip_corrupt else "; or set data.skip_corrupt=true to log and replace "
+                              "corrupt training records")) from None
     finally:
         stop.restore()
         if lock is not None:

@@ -84,26 +84,48 @@ def _derived_seed(generator_state, rank):
     return int.from_bytes(digest, "little") >> 1
 
 
-def save(path, **contents):
-    """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint. On a
-    full disk: a CheckpointError saying so, the previous file at ``path`` intact, no temporary file left."""
+def save(path, *, also=None, **contents):
+    """torch.save to a temp file beside ``path``, fsync, rename: a reader never sees half a checkpoint. With
+    ``also`` (best.pt), the same file is hard-linked there first, by rename too: no second write and no extra
+    space, and a kill between the two renames leaves ``also`` newer than ``path``, never older (so last.pt
+    never records a best that best.pt does not hold). On a full disk: a CheckpointError saying what is kept,
+    no temporary file left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    had = os.path.exists(path)
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(contents, f)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(contents, f)
+            if also is not None:
+                _link(tmp, also)
     except (OSError, RuntimeError) as exc:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        free = shutil.disk_usage(folder).free
         # torch's writer reports ENOSPC as a RuntimeError ("... write failed", "unexpected pos"): call it a full
         # disk only when the disk is nearly full, so that another failure (an interrupt) keeps its own message
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < (256 << 20):
-            raise CheckpointError(f"{path}: no space left on the device ({free / 2**20:.0f} MiB free); the previous "
-                                  f"{os.path.basename(path)} is intact. Free some space and run the same command: it "
-                                  "resumes from the last checkpoint") from None
+            kept = (f"the previous {os.path.basename(path)} is intact. Free some space and run the same command: it "
+                    "resumes from it" if had else f"no {os.path.basename(path)} was written yet, so nothing of this "
+                    "run is kept. Free some space and run the same command: it starts over")
+            raise CheckpointError(f"{path}: no space left on the device ({free / 2**20:.0f} MiB free); {kept}"
+                                  ) from None
         raise
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _link(src, dst):
+    """``dst`` becomes the file ``src`` (a hard link, renamed into place); where the filesystem has no hard
+    links, a copy (atomic too)."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            shutil.copyfile(src, tmp)
 
 
 def load(path, map_location="cpu"):

@@ -191,8 +191,9 @@ class RunLog:
     installed. metrics.jsonl is the record: any failure of TensorBoard (a broken install, an unwritable or full
     disk) is one warning, and the run goes on without it."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, start_epoch=0):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        _drop_rows_from(self.path, start_epoch)
         self.tb = None
         if importlib.util.find_spec("tensorboard") is None:
             return
@@ -224,6 +225,29 @@ class RunLog:
         print(f"warning: no TensorBoard logging from here on ({what}); {self.path} records every epoch",
               file=sys.stderr, flush=True)
         self.tb = None
+
+
+def _drop_rows_from(path, epoch):
+    """A run resumed at ``epoch`` runs that epoch and the later ones again: their rows, written before a failure
+    that kept no checkpoint of them, go, so that no epoch is logged twice."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return
+    complete = [line for line in lines[:-1] if line.strip()]  # after the last newline: nothing, or a torn line
+    kept = [line for line in complete if not _epoch_at_least(line, epoch)]
+    if len(kept) != len(complete):
+        with fmt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+
+
+def _epoch_at_least(line, epoch):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a damaged line stays, for read_log to report
+    return isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] >= epoch
 
 
 def _drop_torn_line(path):

@@ -3,7 +3,8 @@
 Faults (environment variables, read once):
 - ``FAULT_SIGNAL_AT_STEP=N`` (and ``FAULT_SIGNAL=TERM|USR1``, ``FAULT_SIGNAL_TWICE=1``): the process signals
   itself right after optimizer step N, as a scheduler would (twice: the second lands during the save);
-- ``FAULT_KILL_AFTER_BEST=1``: SIGKILL right after best.pt is written, before last.pt;
+- ``FAULT_KILL_AFTER_BEST=1``: SIGKILL right after the new checkpoint is linked as best.pt, before it is
+  renamed to last.pt;
 - ``FAULT_NAN_RANK=R`` with ``FAULT_NAN_AT_STEP=N``: rank R's loss is NaN from step N on (the others' finite);
 - ``FAULT_LOG_DROPOUT=PATH``: each rank appends, at its first dropout of each process start, a hash of the state
   of the generator that draws the mask (equal states draw equal masks) to PATH.RANK.
@@ -49,14 +50,14 @@ if "FAULT_SIGNAL_AT_STEP" in env:
         checkpoint.save = save
 
 if env.get("FAULT_KILL_AFTER_BEST"):
-    original_save = checkpoint.save
+    original_link = checkpoint._link
 
-    def save(path, **contents):
-        original_save(path, **contents)
-        if os.path.basename(path) == "best.pt":
+    def link(src, dst):
+        original_link(src, dst)
+        if os.path.basename(dst) == "best.pt":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.save = save
+    checkpoint._link = link
 
 if "FAULT_NAN_RANK" in env:
     nan_rank, nan_at = int(env["FAULT_NAN_RANK"]), int(env["FAULT_NAN_AT_STEP"])

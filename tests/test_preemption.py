@@ -72,13 +72,19 @@ def test_killed_between_best_and_last_keeps_them_in_agreement(tiny, tmp_path):
     out = tmp_path / "run"
     proc = faulty(tiny, out, "train.epochs=1", "train.batch_size=32", env={"FAULT_KILL_AFTER_BEST": "1"})
     assert proc.returncode == -9
-    assert (out / "best.pt").exists() and not (out / "last.pt").exists()
-    (out / "last.pt.tmp-999999.pt").write_bytes(b"half a checkpoint")  # as a killed write leaves it
-    done = train(tiny, out, "train.epochs=1", "train.batch_size=32")
-    assert "last.pt.tmp-999999.pt" in done.stdout and not (out / "last.pt.tmp-999999.pt").exists()
     best, last = (torch.load(out / n, weights_only=True) for n in ("best.pt", "last.pt"))
-    assert best["best_top1"] == last["best_top1"] and best["epoch"] == last["epoch"] == 1
-    assert "best.pt" in done.stdout
+    assert best["epoch"] == 1 and last["epoch"] == 0 and last["loader"]["position"] == 9  # trained, not validated
+    assert best["best_top1"] > last["best_top1"] == 0.0, "last.pt never records a best that best.pt does not hold"
+    left = [p for p in os.listdir(out) if ".tmp-" in p]
+    assert left, "the kill came between the two renames: the new last.pt is still a temporary file"
+    done = train(tiny, out, "train.epochs=1", "train.batch_size=32")
+    assert left[0] in done.stdout and not [p for p in os.listdir(out) if ".tmp-" in p]
+    assert "RESUMING" in done.stdout and "epoch 0, step 9, batch 9 of the epoch" in done.stdout
+    best, last = (torch.load(out / n, weights_only=True) for n in ("best.pt", "last.pt"))
+    assert best["best_top1"] == last["best_top1"] > 0 and best["epoch"] == last["epoch"] == 1
+    assert os.path.samefile(out / "best.pt", out / "last.pt"), "best.pt is last.pt's file, linked, not a copy"
+    from alexnet.run import read_log
+    assert [r["epoch"] for r in read_log(out)] == [0]
 
 
 def test_two_trainers_on_one_folder(tiny, tmp_path):
@@ -167,15 +173,44 @@ def test_a_run_requeued_on_another_number_of_processes_goes_on(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(tiny, small_disk):
-    out = small_disk("420M") / "run"  # room for best.pt and last.pt (173 MB each), not for a third
+@pytest.mark.parametrize("size,kept", [("260M", 0), ("420M", 1)])
+def test_a_full_disk_while_checkpointing_keeps_the_epoch_and_resumes_once_there_is_room(tiny, small_disk, size,
+                                                                                      kept):
+    """Checkpoints are 173 MB here. 260M: room for one, not for the end of epoch 0 beside it; 420M: room for two
+    (last.pt and an older best.pt), not for the end of epoch 1 beside them. The message says what is kept, and the
+    same command, run once there is room, resumes from it and logs every epoch once."""
+    disk = small_disk(size)
+    out = disk / "run"
     proc = train(tiny, out, "train.epochs=3", "train.batch_size=32", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert "no space left" in err and str(out) in err and "Traceback" not in proc.stderr
+    assert "the previous last.pt is intact" in err and "run the same command: it resumes" in err
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and (out / "best.pt").exists()
+    assert ckpt["epoch"] == kept and ckpt["loader"]["position"] == 9, "the failed epoch's training is kept"
+    subprocess.run(["mount", "-o", "remount,size=1G", str(disk)], check=True)  # room again
+    done = train(tiny, out, "train.epochs=3", "train.batch_size=32")
+    assert f"epoch {kept}, step {9 * (kept + 1)}, batch 9 of the epoch" in done.stdout
+    from alexnet.run import read_log
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+    best, last = (torch.load(out / n, weights_only=True) for n in ("best.pt", "last.pt"))
+    assert best["best_top1"] == last["best_top1"]
+
+
+@pytest.mark.slow
+def test_the_first_checkpoint_on_a_full_disk_says_nothing_is_kept_and_the_rerun_starts_over(tiny, small_disk):
+    disk = small_disk("100M")
+    out = disk / "run"
+    proc = train(tiny, out, "train.epochs=1", "train.batch_size=32", check=False)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "no space left" in err and "Traceback" not in proc.stderr
+    assert "no last.pt was written yet" in err and "it starts over" in err
+    subprocess.run(["mount", "-o", "remount,size=1G", str(disk)], check=True)
+    done = train(tiny, out, "train.epochs=1", "train.batch_size=32")
+    assert "RESUMING" not in done.stdout
+    from alexnet.run import read_log
+    assert [r["epoch"] for r in read_log(out)] == [0]
 
 
 @pytest.mark.parametrize("override,key", [
@@ -204,21 +239,25 @@ def test_out_dir_that_is_a_file(tiny, tmp_path):
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _corrupt(tiny, tmp_path):
-    import shutil
-
+def _flip_crc(root, index):
+    """Record ``index`` of shard 0 made corrupt (its CRC no longer matches); returns the record."""
     import lmdb
     import msgpack
-    root = tmp_path / "train"
-    shutil.copytree(tiny / "train", root)
     env = lmdb.open(str(root / "shard-00000"), map_size=1 << 28)
     with env.begin(write=True) as txn:
-        key = (37).to_bytes(8, "big")
+        key = index.to_bytes(8, "big")
         rec = msgpack.unpackb(txn.get(key))
         rec["crc32"] ^= 1
         txn.put(key, msgpack.packb(rec))
     env.close()
-    return root, rec["source"]
+    return rec
+
+
+def _corrupt(tiny, tmp_path):
+    import shutil
+    root = tmp_path / "train"
+    shutil.copytree(tiny / "train", root)
+    return root, _flip_crc(root, 37)["source"]
 
 
 def test_a_corrupt_record_mid_epoch_says_how_to_go_on_or_is_skipped_when_asked(tiny, tmp_path):
@@ -232,6 +271,27 @@ def test_a_corrupt_record_mid_epoch_says_how_to_go_on_or_is_skipped_when_asked(t
     assert "skipped corrupt record (data.skip_corrupt)" in proc.stderr and "record 37" in proc.stderr
     from alexnet.run import read_log
     assert read_log(tmp_path / "skip")[0]["skipped_records"] == 1
+
+
+def test_a_corrupt_validation_record_keeps_the_epochs_training_and_names_the_val_split(tiny, tmp_path):
+    import shutil
+    val = tmp_path / "val"
+    shutil.copytree(tiny / "val", val)
+    _flip_crc(val, 7)
+    out = tmp_path / "run"
+    common = [f"data.val={val}", "train.epochs=1", "train.batch_size=32", "data.skip_corrupt=true"]
+    proc = train(tiny, out, *common, check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"python -m preprocess.verify {val}" in err and "record 7" in err
+    assert "covers training only" in err and "resumes at epoch 0's validation" in err
+    assert torch.load(out / "last.pt", weights_only=True)["loader"]["position"] == 9
+    shutil.rmtree(val)
+    shutil.copytree(tiny / "val", val)  # the split restored from a copy
+    done = train(tiny, out, *common)
+    assert "epoch 0, step 9, batch 9 of the epoch" in done.stdout
+    from alexnet.run import read_log
+    assert [r["epoch"] for r in read_log(out)] == [0] and read_log(out)[0]["train_images"] == 9 * 32
 
 
 def test_an_out_dir_whose_parents_do_not_exist_yet_is_created(tiny, tmp_path):
