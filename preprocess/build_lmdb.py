@@ -193,11 +193,33 @@ def _load_plan(tmp, plan):
     if saved["digest"] != plan["digest"]:
         raise BuildError(f"{tmp}: cannot resume, the input list changed since the build started "
                          "(files added, removed or relabelled); start over with --overwrite")
+    return _read_progress(os.path.join(tmp, PROGRESS_FILE))
+
+
+def _read_progress(path):
+    """The saved progress, or None where there is none to trust: not written yet (a build killed before its
+    first progress write, perhaps after its first LMDB commit) or damaged; the build then restarts from its
+    first input, and ``_truncate`` drops whatever records the shards hold."""
     try:
-        with open(os.path.join(tmp, PROGRESS_FILE), "rb") as f:
-            return msgpack.unpackb(f.read())
+        with open(path, "rb") as f:
+            progress = msgpack.unpackb(f.read())
+        ok = (isinstance(progress, dict) and isinstance(progress.get("position"), int) and progress["position"] >= 0
+              and isinstance(progress.get("counts"), list) and isinstance(progress.get("skipped"), list)
+              and all(isinstance(c, int) and c >= 0 for c in progress["counts"])
+              and isinstance(progress.get("shards"), list) and len(progress["shards"]) == len(progress["counts"]))
+        if ok:
+            [PixelStats.from_dict(s) for s in progress["shards"]]
+            PixelStats.from_dict(progress["total"])
     except FileNotFoundError:
         return None
+    except Exception as exc:  # unreadable, not msgpack, or fields that do not hold together
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "its fields do not hold together"
+    if not ok:
+        print(f"warning: {path} is damaged ({why}); the build restarts from its first input", file=sys.stderr)
+        return None
+    return progress
 
 
 def _truncate(tmp, progress):
@@ -492,7 +514,7 @@ def _build_locked(source, src, out, tmp, lock, plan, opts, params, *, resume, ov
     if progress is None:
         progress = {"position": 0, "counts": [], "skipped": list(source.skipped), "shards": [],
                     "total": PixelStats((size, size, 3) if mean_image else None).to_dict(with_image=True)}
-    else:
+    if resume and leftover:  # every resume the same way: drop what was written after the last saved progress (all, if none)
         _truncate(tmp, progress)
         if not quiet:
             print(f"resuming {tmp} at input {progress['position']} of {n}", file=sys.stderr)

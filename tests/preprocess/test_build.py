@@ -315,3 +315,52 @@ def test_workers_start_cleanly_from_a_busy_process(folder, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "15"
+
+
+def _interrupt_after_lmdb_commit(monkeypatch, commits):
+    """The builder stops (as if killed) right after its ``commits``-th LMDB commit, before that commit's progress
+    write: the narrowest window of a build, too narrow for a timed kill."""
+    from preprocess import build_lmdb
+    done = {"n": 0}
+    original = build_lmdb._Writer.commit
+
+    def commit(self):
+        if self.env is not None and self.pending and done["n"] + 1 == commits:
+            build_lmdb._put_all(self.env, sum(self.counts), self.pending)
+            raise KeyboardInterrupt
+        done["n"] += bool(self.env is not None and self.pending)
+        return original(self)
+
+    monkeypatch.setattr(build_lmdb._Writer, "commit", commit)
+
+
+@pytest.mark.parametrize("commits", [1, 2])
+def test_a_build_stopped_right_after_an_lmdb_commit_resumes(folder, tmp_path, monkeypatch, commits):
+    src, _ = folder
+    args = dict(size=16, shards=2, commit_every=2, workers=1, quiet=True)
+    build(str(src), str(tmp_path / "ref"), **args)
+    with monkeypatch.context() as m:
+        _interrupt_after_lmdb_commit(m, commits)
+        with pytest.raises(KeyboardInterrupt):
+            build(str(src), str(tmp_path / "out"), **args)
+    assert (tmp_path / "out.partial" / "shard-00000").exists() and not (tmp_path / "out").exists()
+    build(str(src), str(tmp_path / "out"), resume=True, **args)
+    assert read_plain(tmp_path / "out")[1] == read_plain(tmp_path / "ref")[1]
+
+
+@pytest.mark.parametrize("damage", [b"", b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"position": "x"}),
+                                    msgpack.packb({"position": 4, "counts": [2], "skipped": [], "shards": []})])
+def test_a_damaged_progress_file_restarts_the_build_and_says_so(folder, tmp_path, monkeypatch, capsys, damage):
+    src, _ = folder
+    args = dict(size=16, shards=2, commit_every=2, workers=1)
+    build(str(src), str(tmp_path / "ref"), quiet=True, **args)
+    with monkeypatch.context() as m:
+        _interrupt_after_lmdb_commit(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            build(str(src), str(tmp_path / "out"), quiet=True, **args)
+    (tmp_path / "out.partial" / "progress.msgpack").write_bytes(damage)
+    capsys.readouterr()
+    build(str(src), str(tmp_path / "out"), resume=True, **args)
+    err = capsys.readouterr().err
+    assert "progress.msgpack is damaged" in err and "restarts from its first input" in err and "Traceback" not in err
+    assert read_plain(tmp_path / "out")[1] == read_plain(tmp_path / "ref")[1]
