@@ -135,8 +135,9 @@ def load(path, map_location="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as exc:
+        first = (str(exc).splitlines() or ["empty"])[0][:200]  # an empty file: EOFError with no message
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written by train.py): "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+                              f"{type(exc).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a train.py checkpoint (no 'model' and 'config')")
     return ckpt

@@ -1,5 +1,6 @@
 """alexnet.checkpoint's per-rank random streams, CUDA included: no GPU here, so torch.cuda's generator calls are
 replaced by a recorder of which state each rank's device ends with."""
+import pytest
 import torch
 
 from alexnet import checkpoint
@@ -51,3 +52,11 @@ def test_ranks_that_did_not_exist_get_streams_of_their_own_the_same_on_every_res
     assert torch.equal(seeds[0], cuda[0]) and isinstance(seeds[1], int) and seeds[1] != seeds[2]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
     assert torch.equal(draws[1], draws[3]) and seeds[1] == seeds[3], "a restart gives rank 1 the same stream"
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00", b"PK\x03\x04 cut"])
+def test_an_empty_or_cut_checkpoint_is_one_error_naming_it(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=r"last.pt: not a readable checkpoint \(truncated"):
+        checkpoint.load(path)
