@@ -191,9 +191,12 @@ class RunLog:
     installed. metrics.jsonl is the record: any failure of TensorBoard (a broken install, an unwritable or full
     disk) is one warning, and the run goes on without it."""
 
-    def __init__(self, out_dir, start_epoch=0):
+    def __init__(self, out_dir, start_epoch=None):
+        """``start_epoch``: where the run (re)starts; rows of that epoch and later ones, logged before a failure
+        that kept no checkpoint of them, are dropped, since they are run again."""
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        _drop_rows_from(self.path, start_epoch)
+        if start_epoch is not None:
+            _drop_rows_from(self.path, start_epoch)
         self.tb = None
         if importlib.util.find_spec("tensorboard") is None:
             return

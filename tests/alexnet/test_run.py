@@ -93,3 +93,18 @@ def test_cuda_runs_let_cudnn_pick_its_fastest_convolutions(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     run.device_settings(torch.device("cuda", 1))  # no CUDA needed: the flag is only read when cuDNN runs
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_resumed_run_drops_the_rows_it_runs_again(tmp_path, monkeypatch):
+    """Rows of the epoch a run resumes at, and later ones, were logged before a failure that kept no checkpoint
+    of them: they go (and a torn last line with them); earlier rows, and a damaged line, stay. No start epoch: all
+    stay."""
+    import json
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in ROWS) + "not json\n" + json.dumps(ROWS[0])[:20]
+    path.write_text(text)
+    run.RunLog(tmp_path)
+    assert path.read_text() == text
+    run.RunLog(tmp_path, start_epoch=1)
+    assert path.read_text() == json.dumps(ROWS[0]) + "\nnot json\n"
