@@ -38,12 +38,22 @@ def photo(rng, w, h):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def imwrite(path, image, params=()):
+    """cv2.imwrite through a temporary name (same extension, which picks the format), then renamed: a drawing
+    killed half-way leaves no cut file that a later run would take for a finished one."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    if not cv2.imwrite(tmp, image, list(params)):
+        raise OSError(f"{path}: OpenCV could not write it")
+    os.replace(tmp, path)
+
+
 def _draw(job):
     """Image ``i`` of the corpus, from its own seed: the corpus is the same whatever the number of processes."""
     path, seed, i = job
     rng = np.random.default_rng([seed, i])
     w, h = imagenet_size(rng)
-    cv2.imwrite(path, photo(rng, w, h), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
+    imwrite(path, photo(rng, w, h), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
 
 
 def make_corpus(out, n, seed=0, workers=None):
@@ -77,7 +87,7 @@ def _square(job):
     src, dst, size = job
     with open(src, "rb") as f:
         square = image_ops.to_square(image_ops.decode(f.read()), size)
-    cv2.imwrite(dst, square, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    imwrite(dst, square, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def squares(sources, out_dir, size=256, workers=None):

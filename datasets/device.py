@@ -36,6 +36,10 @@ class CudaCopier(Copier):
         self.stream = self.cuda.Stream(self.device)
 
     def copy(self, images, labels):
+        # From pageable memory (the labels; images whose buffers could not be page-locked) CUDA first waits for
+        # the stream's earlier work, blocking the host: such a tensor is staged in pinned memory first, whose
+        # block torch's host allocator keeps until this copy is done.
+        images, labels = (t if t.is_pinned() else t.pin_memory() for t in (images, labels))
         with self.cuda.stream(self.stream):
             d_images = images.to(self.device, non_blocking=True)
             d_labels = labels.to(self.device, non_blocking=True)

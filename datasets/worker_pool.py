@@ -103,6 +103,8 @@ class _TaskPipe:
 def _worker(make_batches, images, labels, tasks, results, parent):
     """Build batches until told to stop or orphaned: task (generation, epoch, k, slot) -> result
     (generation, k, slot, (n, skipped records), error)."""
+    gc.freeze()  # what the trainer left uncollected is never finalised here (forked with the collector off)
+    gc.enable()
     results.cancel_join_thread()  # never block exit on a result nobody will read
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # a scheduler signals the whole job: the trainer decides, workers follow
@@ -172,9 +174,11 @@ class ProcessPool:
         cv_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
         # Nor collect this process's garbage: a cycle not yet collected here (a CUDA object, a dropped batch's
-        # lease) would be finalised in the worker too. Frozen objects are invisible to the workers' collections;
-        # unfrozen here after the fork, they are collected here as before.
-        gc.freeze()
+        # lease) would be finalised in the worker too. Forked with the collector off, each worker freezes what
+        # it inherited before collecting anything; this process's own gc state (frozen objects included) is
+        # left as it was.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             self.procs = [ctx.Process(target=_worker, args=(make_batches, self.images, self.labels, self.tasks,
                                                             self.results, os.getpid()), daemon=True)
@@ -182,7 +186,8 @@ class ProcessPool:
             for p in self.procs:
                 p.start()
         finally:
-            gc.unfreeze()
+            if collecting:
+                gc.enable()
             cv2.setNumThreads(cv_threads)
         self._registrar, self._registered = registrar, {}
         self.closed = False

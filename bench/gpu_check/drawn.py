@@ -4,14 +4,14 @@ import os
 import cv2
 import numpy as np
 
-from bench.corpus import parallel_map
+from bench.corpus import imwrite, parallel_map
 from preprocess.make_demo import CLASSES, draw_image
 
 
 def _draw(job):
     path, cls, size, seed, i = job
     rgb = draw_image(np.random.default_rng([seed, i]), cls, size, size, canvas=size)
-    cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # PNG: lossless, the builder encodes
+    imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # PNG: lossless, the builder encodes
 
 
 def _folder(root, per_class, size, seed):

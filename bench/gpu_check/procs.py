@@ -1,4 +1,5 @@
-"""Processes and GPU memory seen from outside, for the kill -9 check: children by /proc, GPU use by nvidia-smi."""
+"""Processes and GPU memory seen from outside, for the kill -9 check: children by /proc, GPU memory by
+cudaMemGetInfo (every process's use of the device), and nvidia-smi's list of processes where it is there."""
 import os
 import subprocess
 import time
@@ -54,24 +55,27 @@ def wait_gone(pids, timeout):
     return left
 
 
-def _smi(query):
-    out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"], capture_output=True,
-                         text=True, timeout=30).stdout
-    return [line.split(", ") for line in out.strip().splitlines() if line.strip()]
-
-
 def gpu_pids():
-    """The pids nvidia-smi lists as holding GPU memory (in a container it may list none: the host's pids)."""
-    return {int(row[0]) for row in _smi("compute-apps=pid") if row[0].isdigit()}
+    """The pids nvidia-smi lists as holding GPU memory; None without nvidia-smi (in a container it may also
+    list none: the host's pids)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {int(p) for p in out.split() if p.isdigit()}
 
 
 def gpu_memory_used():
-    """MiB of GPU memory in use on device 0."""
-    return int(_smi("gpu=memory.used")[0][0])
+    """MiB in use on this process's CUDA device, by every process (cudaMemGetInfo: no nvidia-smi needed, and
+    CUDA_VISIBLE_DEVICES is respected)."""
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) >> 20
 
 
 def wait_gpu_memory(at_most, timeout):
-    """(MiB used, seconds waited) once device 0 uses at most ``at_most`` MiB, or when ``timeout`` runs out."""
+    """(MiB used, seconds waited) once the device uses at most ``at_most`` MiB, or when ``timeout`` runs out."""
     t0 = time.monotonic()
     used = gpu_memory_used()
     while used > at_most and time.monotonic() - t0 < timeout:

@@ -80,6 +80,7 @@ class EarlyEvent(CudaCopier):
     the host buffer goes back to the workers, and the consumer starts, too early."""
 
     def copy(self, images, labels):
+        images, labels = (t if t.is_pinned() else t.pin_memory() for t in (images, labels))  # as CudaCopier
         with torch.cuda.stream(self.stream):
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -90,12 +91,16 @@ class EarlyEvent(CudaCopier):
 
 
 def busy(device, n):
-    """A chain of n×n matmuls on the current stream: keeps the consumer a few milliseconds behind."""
+    """Work queued on the current stream before each checksum: a chain of n×n matmuls, and on CUDA a sleep
+    kernel, so the consumer falls further behind the host with every batch (well past the three batches after
+    which the allocator could reuse a dropped batch's memory)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     def work():
         for _ in range(4):
             a @ a
+        if device.type == "cuda":
+            torch.cuda._sleep(SLEEP_CYCLES)
     return work
 
 

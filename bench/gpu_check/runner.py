@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 REQUIRED = {"numpy": "numpy", "torch": "torch", "lmdb": "lmdb", "msgpack": "msgpack", "zlib_ng": "zlib-ng",
             "cv2": "opencv-python-headless", "h5py": "h5py", "yaml": "pyyaml", "tqdm": "tqdm", "PIL": "pillow"}
 RESERVE_S = 3.0  # kept back from the budget to write the reports
+MIN_START_S = 5.0  # a check starts only with this much of the budget left; one the deadline cuts short is skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +42,18 @@ class Step:
 # In order of importance: what the budget cannot reach is the least important.
 STEPS = (
     Step("versions", "Versions", 10, 5, 60),
-    Step("data", "Data drawn for the check", 40, 15, 300),
-    Step("race", "Race: the host-to-GPU hand-off, checked batch by batch", 60, 10, 240, ("data",)),
-    Step("loader", "Loader to device, images/s", 60, 10, 240, ("data",)),
-    Step("train", "train.py: 3 epochs", 120, 20, 300, ("data",)),
-    Step("evaluate", "evaluate.py: centre crop, ten crops, an ensemble of one checkpoint twice", 30, 15, 180,
-         ("train",)),
-    Step("ddp", "DDP: torchrun --nproc_per_node 1", 45, 15, 180, ("data",)),
-    Step("train_step", "bench.train_step: the real loader against a synthetic batch", 75, 10, 240, ("data",)),
-    Step("kill9", "kill -9 of a training process", 25, 12, 90, ("data",)),
-    Step("model", "bench.model", 90, 8, 300),
-    Step("evaluate_bench", "bench.evaluate", 30, 8, 180, ("data",)),
+    Step("data", "Data drawn for the check", 25, 15, 300, ("setup",)),
+    Step("race", "Race: the host-to-GPU hand-off, checked batch by batch", 45, 10, 240, ("setup", "data")),
+    Step("loader", "Loader to device, images/s", 40, 10, 240, ("setup", "data")),
+    Step("train", "train.py: 3 epochs", 90, 20, 300, ("setup", "data")),
+    Step("evaluate", "evaluate.py: centre crop, ten crops, an ensemble of one checkpoint twice", 20, 12, 180,
+         ("setup", "train")),
+    Step("ddp", "DDP: torchrun --nproc_per_node 1", 30, 12, 180, ("setup", "data")),
+    Step("train_step", "bench.train_step: the real loader against a synthetic batch", 60, 10, 240,
+         ("setup", "data")),
+    Step("kill9", "kill -9 of a training process", 20, 10, 90, ("setup", "data")),
+    Step("model", "bench.model", 60, 8, 300, ("setup",)),
+    Step("evaluate_bench", "bench.evaluate", 20, 8, 180, ("setup", "data")),
 )
 
 
@@ -60,69 +62,99 @@ def wheel_tags():
     return f"cp{sys.version_info.major}{sys.version_info.minor}", platform.machine()
 
 
+def _installable(tags, python, machine):
+    """Whether a wheel's (python tag, abi tag, platform tag) installs here: this CPython (or a stable-ABI
+    wheel for an older one, or pure Python) on glibc Linux of this machine (or any platform)."""
+    py, abi, plat = (t.split(".") for t in tags)
+    ours = int(python[2:])
+    pythons = {t for t in py if t == python or t in ("py3", f"py{python[2]}")}
+    if "abi3" in abi:
+        pythons |= {t for t in py if t.startswith("cp3") and t[2:].isdigit() and int(t[2:]) <= ours}
+    abis = {"none", "abi3", python}
+    platform_ok = "any" in plat or any((p.startswith("manylinux") or p.startswith("linux_")) and p.endswith(machine)
+                                       for p in plat)
+    return bool(pythons) and bool(abis & set(abi)) and platform_ok
+
+
 def matching_wheels(folder, dist):
-    """The wheels of distribution ``dist`` in ``folder`` that this interpreter can install."""
+    """The wheels of distribution ``dist`` in ``folder`` that this interpreter can install, best first (built
+    for this CPython, then stable-ABI, then pure Python)."""
     python, machine = wheel_tags()
     norm = re.sub(r"[-_.]+", "_", dist).lower()
     found = []
     for path in sorted(glob.glob(os.path.join(folder, "*.whl"))):
         parts = os.path.basename(path)[:-4].split("-")
-        if len(parts) < 5 or re.sub(r"[-_.]+", "_", parts[0]).lower() != norm:
-            continue
-        py, abi, plat = parts[-3:]
-        if (python in py.split(".") or "py3" in py.split(".")) and \
-                (abi in ("none", "abi3") or python in abi.split(".")) and (plat == "any" or machine in plat):
+        if len(parts) in (5, 6) and re.sub(r"[-_.]+", "_", parts[0]).lower() == norm and \
+                _installable(parts[-3:], python, machine):
             found.append(path)
-    return found
+    return sorted(found, key=lambda p: (python not in os.path.basename(p).split("-")[-3], p))
 
 
-def probe(env):
+def probe(env, timeout):
     """{import name: error} for the required modules that do not import in a fresh interpreter."""
     code = ("import importlib, json, sys\nbad = {}\nfor name in sys.argv[1:]:\n    try:\n"
             "        importlib.import_module(name)\n    except Exception as exc:\n"
             "        bad[name] = f'{type(exc).__name__}: {exc}'\nprint(json.dumps(bad))")
-    proc = subprocess.run([sys.executable, "-c", code, *REQUIRED], capture_output=True, text=True, env=env,
-                          timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *REQUIRED], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {name: f"importing the required modules took more than {timeout:.0f} s" for name in REQUIRED}
     if proc.returncode:
         return {name: proc.stderr.strip()[-300:] for name in REQUIRED}
     return json.loads(proc.stdout)
 
 
-def install(wheels, target):
+def install(wheels, target, timeout=120):
     """Install ``wheels`` into ``target`` with pip (no index, no dependencies), or, where this Python has no
-    pip, by unpacking them (all a --target install of a wheel does). Returns how."""
+    pip, by unpacking them (all a --target install of a wheel does). Returns how; raises OSError or
+    zipfile.BadZipFile for a wheel that cannot be installed."""
     os.makedirs(target, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade",
-                           "--target", target, *wheels], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return "pip install --no-index --no-deps --target"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade",
+                               "--target", target, *wheels], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return "pip install --no-index --no-deps --target"
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        why = f"pip took more than {timeout:.0f} s"
     for w in wheels:
         with zipfile.ZipFile(w) as z:
             z.extractall(target)
-    return f"unpacked (pip failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})"
+    return f"unpacked (pip failed: {why})"
 
 
-def setup(wheels_dir, target, env):
-    """Make every required module importable: what fails is installed from ``wheels_dir`` into ``target``,
-    which goes first on the children's PYTHONPATH. Returns the set-up check's result."""
+def setup(wheels_dir, target, env, timeout=120):
+    """Make every required module importable: what fails is installed from ``wheels_dir`` into ``target``
+    (one wheel per distribution, the best match), which goes first on the children's PYTHONPATH. Returns the
+    set-up check's result; never raises."""
     t0 = time.perf_counter()
-    missing = probe(env)
+    missing = probe(env, timeout)
     lines, installed = [], []
     if missing:
         lines.append("missing at start: " + ", ".join(f"{REQUIRED[m]} ({e})" for m, e in missing.items()))
-        wheels = {m: matching_wheels(wheels_dir, REQUIRED[m]) for m in missing}
-        have = [w for ws in wheels.values() for w in ws]
+        have = [ws[0] for ws in (matching_wheels(wheels_dir, REQUIRED[m]) for m in missing) if ws]
         if have:
-            how = install(have, target)
-            installed = [os.path.basename(w) for w in have]
-            lines.append(f"installed into {target} ({how}): {', '.join(installed)}")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (target, env.get("PYTHONPATH")) if p)
-            missing = probe(env)
+            try:
+                how = install(have, target, timeout)
+            except (OSError, zipfile.BadZipFile) as exc:
+                lines.append(f"could not install {', '.join(map(os.path.basename, have))}: {type(exc).__name__}: "
+                             f"{exc}")
+            else:
+                installed = [os.path.basename(w) for w in have]
+                lines.append(f"installed into {target} ({how}): {', '.join(installed)}")
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (target, env.get("PYTHONPATH")) if p)
+                missing = probe(env, timeout)
     status = "failed" if missing else "passed"
     if missing:
         python, machine = wheel_tags()
-        lines.append(f"still missing: {', '.join(REQUIRED[m] for m in missing)}; no wheel for {python} on {machine} "
-                     f"in {wheels_dir}: run `make gpu-wheels` where a registry is reachable and carry {wheels_dir}")
+        for m, err in missing.items():
+            if any(w.split("-")[0].lower().replace("_", "-") == REQUIRED[m] for w in installed):
+                lines.append(f"{REQUIRED[m]}: installed from its wheel, and still does not import: {err}")
+            else:
+                lines.append(f"{REQUIRED[m]}: no wheel for {python} on {machine} Linux in {wheels_dir}: add it to "
+                             f"GPU_WHEELS in the Makefile, run `make gpu-wheels` where a registry is reachable, "
+                             f"and carry {wheels_dir}")
     else:
         lines.append("every required module imports" + (f" ({len(installed)} installed)" if installed else ""))
     return {"name": "setup", "title": "Set-up", "status": status, "seconds": time.perf_counter() - t0,
@@ -130,8 +162,44 @@ def setup(wheels_dir, target, env):
             "report": "\n".join(f"- {line}" for line in lines)}
 
 
-def run_step(step, args, env, timeout):
-    """Run one check in a child process of its own session; its result, or a failure that says why."""
+def descendants(pid):
+    """Every process started from ``pid``, however deep, whatever its session (torchrun starts its workers in
+    sessions of their own), read from /proc."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL ``pid``'s session and every process started from it, found before any is killed (a killed
+    parent's children are adopted by init and could no longer be found)."""
+    tree = descendants(pid)
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), *(lambda p=p: os.kill(p, signal.SIGKILL) for p in tree)):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Interrupted(Exception):
+    """The runner itself was asked to stop (SIGTERM, SIGINT): the running check is killed, the rest skipped."""
+
+
+def run_step(step, args, env, timeout, budget_cut=False):
+    """Run one check in a child process of its own session; its result, or a failure that says why.
+    ``budget_cut``: ``timeout`` is what is left of the budget (less than the check's own limit), so running
+    out of it is a skip."""
     log = os.path.join(args.out, "logs", f"{step.name}.log")
     result_path = os.path.join(args.out, "logs", f"{step.name}.json")
     if os.path.exists(result_path):
@@ -142,17 +210,15 @@ def run_step(step, args, env, timeout):
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
+        timed_out = False
         try:
             code = proc.wait(timeout=timeout)
             why = None if code == 0 else f"exit status {code}"
         except subprocess.TimeoutExpired:
+            timed_out, code = True, None
             why = f"timed out after {timeout:.0f} s (its processes were killed)"
-            code = None
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # what it left running (workers, torchrun's children)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)  # whatever it left running: loader workers, torchrun's workers
             proc.wait()
     seconds = time.perf_counter() - t0
     try:
@@ -163,6 +229,8 @@ def run_step(step, args, env, timeout):
         why = why or "it wrote no result"
     if why and result.get("status") != "failed":
         result["status"] = "failed"
+    if timed_out and budget_cut:  # the overall deadline, not the check's own limit, stopped it
+        result["status"], why = "skipped", f"budget: it ran out after {timeout:.0f} s (its processes were killed)"
     if why:
         result["why"] = "; ".join(w for w in (why, result.get("why")) if w)
         with open(log, encoding="utf-8", errors="replace") as f:
@@ -176,6 +244,7 @@ class Reports:
 
     def __init__(self, out, header):
         self.out, self.header, self.results = out, header, []
+        self.running = None  # the check in progress
 
     def add(self, result):
         self.results.append(result)
@@ -200,8 +269,9 @@ class Reports:
 
     def write(self, final=None):
         counts = self.summary()
-        table = ["| check | status | seconds |", "|---|---|---|"]
-        table += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in self.results]
+        table = ["| check | status | seconds | expected |", "|---|---|---|---|"]
+        table += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} | {r.get('expected_s', '')} |"
+                  for r in self.results]
         text = "\n".join([self.header, "", *table, "", *(self.markdown_of(r) for r in self.results)])
         if final:
             text += f"\n## Result\n\n{final}\n"
@@ -239,33 +309,42 @@ def main(argv=None):
     t_start = time.monotonic()
     deadline = t_start + args.budget - RESERVE_S
     args.out, args.work = os.path.abspath(args.out), os.path.abspath(args.work)
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    os.makedirs(args.work, exist_ok=True)
+    for flag, folder in (("--out", os.path.join(args.out, "logs")), ("--work", args.work)):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            print(f"error: {flag} {folder}: cannot write there ({exc.strerror}); choose a writable folder",
+                  file=sys.stderr)
+            return 2
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     reports = Reports(args.out, f"# bench.gpu_check, {time.strftime('%Y-%m-%d %H:%M %Z')}\n\n"
                                 f"budget {args.budget:.0f} s; `{' '.join(['python3 -m bench.gpu_check', *(argv or sys.argv[1:])])}`")
-    reports.add(setup(args.wheels, os.path.join(args.work, "pydeps"), env))
-    passed = {"setup"} if reports.results[-1]["status"] == "passed" else set()
-    for step in STEPS:
-        if step.name not in args.only:
-            continue
-        left = deadline - time.monotonic()
-        expected = step.cpu_s if args.small or not passed_cuda(reports) else step.gpu_s
-        missing = [n for n in ("setup", *step.needs) if n not in passed]
-        if missing:
-            result = {"status": "skipped", "why": f"needs {', '.join(missing)}, which did not pass"}
-        elif left < expected:
-            result = {"status": "skipped", "why": f"budget: {max(left, 0):.0f} s left, it expects {expected} s"}
-        else:
-            result = run_step(step, args, env, timeout=min(step.limit_s, left))
-        result = {"name": step.name, "title": step.title, "seconds": 0.0, **result}
-        if step.name == "versions" and result["status"] == "passed":
-            reports.header += "\n\n" + result["report"]
-            result = {**result, "report": ""}
-        reports.add(result)
-        if result["status"] == "passed":
-            passed.add(step.name)
+
+    def interrupted(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        reports.add(setup(args.wheels, os.path.join(args.work, "pydeps"), env,
+                          timeout=max(1.0, min(120.0, deadline - time.monotonic()))))
+        passed = {"setup"} if reports.results[-1]["status"] == "passed" else set()
+        for step in (s for s in STEPS if s.name in args.only):
+            reports.add(run_check(step, args, env, deadline, passed, reports))
+    except Interrupted as exc:
+        code = 130 if str(exc) == "SIGINT" else 143
+        done = {r["name"] for r in reports.results}
+        for step in (s for s in STEPS if s.name in args.only and s.name not in done):
+            reports.results.append({"name": step.name, "title": step.title, "seconds": 0.0,
+                                    "status": "failed" if step.name == reports.running else "skipped",
+                                    "why": f"the check was stopped by {exc}" + (" while this ran (its processes "
+                                           "were killed)" if step.name == reports.running else "")})
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     counts = reports.summary()
     final = (f"{time.monotonic() - t_start:.0f} s of a {args.budget:.0f} s budget; {counts['passed']} passed, "
              f"{counts['failed']} failed, {counts['skipped']} skipped"
@@ -274,7 +353,29 @@ def main(argv=None):
     reports.write(final)
     print(f"## Result\n\n{final}\nreports: {os.path.join(args.out, 'report.md')}, "
           f"{os.path.join(args.out, 'report.json')}", flush=True)
-    return 1 if counts["failed"] else 0
+    return code or (1 if counts["failed"] else 0)
+
+
+def run_check(step, args, env, deadline, passed, reports):
+    """One check's result: skipped when what it needs did not pass or the budget is spent, else run."""
+    left = deadline - time.monotonic()
+    missing = [n for n in step.needs if n not in passed]
+    if missing:
+        result = {"status": "skipped", "why": f"needs {', '.join(missing)}, which did not pass"}
+    elif left < MIN_START_S:
+        result = {"status": "skipped", "why": f"budget: {max(left, 0):.0f} s left"}
+    else:
+        reports.running = step.name
+        result = run_step(step, args, env, timeout=min(step.limit_s, left), budget_cut=left < step.limit_s)
+        reports.running = None
+    result = {"name": step.name, "title": step.title, "seconds": 0.0, **result,
+              "expected_s": step.cpu_s if args.small or not passed_cuda(reports) else step.gpu_s}
+    if step.name == "versions" and result["status"] == "passed":
+        reports.header += "\n\n" + result["report"]
+        result = {**result, "report": ""}
+    if result["status"] == "passed":
+        passed.add(step.name)
+    return result
 
 
 def passed_cuda(reports):

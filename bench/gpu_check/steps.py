@@ -104,14 +104,22 @@ def fenced(text, last=2500):
 
 
 def versions(ctx):
-    import cv2
-    import lmdb
-    import numpy as np
-    import torch
-    lines = {"Python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-             "OpenCV": f"{cv2.__version__}, decodes straight to RGB: "
-                       f"{'yes' if hasattr(cv2, 'IMREAD_COLOR_RGB') else 'no (decode, then convert)'}",
-             "lmdb": f"LMDB {'.'.join(map(str, lmdb.version()))}, py-lmdb {lmdb.__version__}",
+    """What the machine runs; a module that does not import is named, not fatal (this check needs no set-up)."""
+    import importlib
+    mods = {}
+    for name in ("numpy", "torch", "cv2", "lmdb"):
+        try:
+            mods[name] = importlib.import_module(name)
+        except Exception as exc:
+            mods[name] = f"missing ({type(exc).__name__}: {exc})"
+    np, torch, cv2, lmdb = (mods[n] for n in ("numpy", "torch", "cv2", "lmdb"))
+    lines = {"Python": sys.version.split()[0],
+             "torch": getattr(torch, "__version__", torch), "numpy": getattr(np, "__version__", np),
+             "OpenCV": (f"{cv2.__version__}, decodes straight to RGB: "
+                        f"{'yes' if hasattr(cv2, 'IMREAD_COLOR_RGB') else 'no (decode, then convert)'}")
+             if not isinstance(cv2, str) else cv2,
+             "lmdb": f"LMDB {'.'.join(map(str, lmdb.version()))}, py-lmdb {lmdb.__version__}"
+             if not isinstance(lmdb, str) else lmdb,
              "CPU cores": str(len(os.sched_getaffinity(0)))}
     figures = {"cuda": ctx.cuda}
     if ctx.cuda:
@@ -399,14 +407,14 @@ def kill9(ctx):
     workers = ctx.sizes.workers[0]
     args = [sys.executable, "train.py", "configs/demo.yaml", f"out_dir={out}", *train_overrides(ctx, workers),
             "train.compile=false", "train.epochs=50", "--fresh"]
-    baseline = procs.gpu_memory_used() if ctx.cuda else None
+    baseline = procs.gpu_memory_used() if ctx.cuda else None  # this process's own CUDA context included
     log = open(os.path.join(ctx.work, "kill9-train.log"), "w")
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         procs.wait_for_children(proc.pid, workers, timeout=120)
         time.sleep(1.0)  # well into the epoch: batches queued, copies in flight
         children = procs.children(proc.pid)
-        listed = proc.pid in procs.gpu_pids() if ctx.cuda else False
+        listed = proc.pid in procs.gpu_pids() if ctx.cuda else None
         during = procs.gpu_memory_used() if ctx.cuda else None
         t0 = time.perf_counter()
         proc.kill()
@@ -423,10 +431,11 @@ def kill9(ctx):
         figures = {"workers": len(children), "gone_s": gone_s}
         if ctx.cuda:
             after, freed_s = procs.wait_gpu_memory(baseline + 256, timeout=10)
-            held = procs.gpu_pids() & {proc.pid, *children}
+            held = (procs.gpu_pids() or set()) & {proc.pid, *children}
+            seen = {True: "was", False: "was not", None: "could not be"}[listed]
             report += (f"; GPU memory used: {baseline} MiB before the run, {during} MiB during it, {after} MiB "
-                       f"{freed_s:.1f} s after the kill (the trainer {'was' if listed else 'was not'} listed by "
-                       f"nvidia-smi{'; still listed: ' + str(held) if held else ''})")
+                       f"{freed_s:.1f} s after the kill (the trainer {seen} listed by nvidia-smi"
+                       f"{'; still listed: ' + str(held) if held else ''})")
             figures.update(baseline_mib=baseline, during_mib=during, after_mib=after)
             if after > baseline + 256 or held:
                 failures.append(f"GPU memory not given back: {after} MiB used 10 s after the kill, {baseline} before")
@@ -467,8 +476,11 @@ def main(argv=None):
     p.add_argument("--result", required=True)
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
-    import torch
-    cuda = torch.cuda.is_available() and not args.small
+    try:
+        import torch
+        cuda = torch.cuda.is_available() and not args.small
+    except ImportError:  # versions says so; every other check needs the set-up, which names it
+        cuda = False
     ctx = Ctx(work=args.work, cuda=cuda, sizes=GPU if cuda else CPU)
     try:
         result = CHECKS[args.name](ctx)

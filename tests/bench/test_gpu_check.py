@@ -11,6 +11,7 @@ import pytest
 
 from bench.gpu_check import runner
 from tests.conftest import ROOT
+from tests.datasets.conftest import coded_split  # noqa: F401 (a fixture)
 
 CHECKS = ["setup", *(s.name for s in runner.STEPS)]
 
@@ -26,13 +27,18 @@ def run_check(tmp_path, *args, env=None, timeout=600):
 
 @pytest.mark.slow
 def test_every_check_runs_on_the_cpu_within_a_budget_of_120_s(tmp_path):
+    """The whole check, end to end, within its budget. On a loaded machine the budget may cut the last checks
+    short: those are skipped (and said), never failed, and the most important ones always run."""
     t0 = time.monotonic()
     proc, report, out = run_check(tmp_path, "--budget", "120")
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert elapsed < 125, f"the check took {elapsed:.0f} s of a 120 s budget"
     assert [c["name"] for c in report["checks"]] == CHECKS
-    assert {c["name"]: c["status"] for c in report["checks"]} == dict.fromkeys(CHECKS, "passed")
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert "failed" not in status.values(), status
+    assert all(status[n] == "passed" for n in CHECKS[:7]), status  # set-up to evaluate
+    assert all(c["status"] == "passed" or "budget" in c["why"] for c in report["checks"]), status
     md = (out / "report.md").read_text()
     assert "- torch: " in md and "- OpenCV: " in md and "decodes straight to RGB" in md
     race = next(c for c in report["checks"] if c["name"] == "race")["figures"]["rows"]
@@ -40,8 +46,67 @@ def test_every_check_runs_on_the_cpu_within_a_budget_of_120_s(tmp_path):
     train = next(c for c in report["checks"] if c["name"] == "train")["figures"]
     assert len(train["losses"]) == 3 and train["losses"][-1] < train["losses"][0]
     for c in report["checks"]:  # every check's whole output is kept
-        if c["name"] != "setup":
+        if c["name"] != "setup" and c["status"] == "passed":
             assert (out / c["log"]).stat().st_size > 0, c["name"]
+
+
+def test_the_race_comparison_sees_one_wrong_batch(coded_split):
+    """The race check's comparison can fail: a copier that changes one pixel of one batch, or one label, makes
+    one mismatched batch; a faithful copier none."""
+    import torch
+
+    from bench.gpu_check import race
+    from datasets.device import Copier
+
+    class Done:
+        def query(self):
+            return True
+
+        def synchronize(self):
+            pass
+
+    def copier(change):
+        class Changing(Copier):
+            def __init__(self, device):
+                self.n = 0
+
+            def copy(self, images, labels):
+                images, labels = images.clone(), labels.clone()
+                self.n += 1
+                if self.n == 3:
+                    change(images, labels)
+                return images, labels, Done()
+
+            def wait(self, event, *tensors):
+                pass
+        return Changing
+
+    def pixel(images, labels):
+        images[1, 2, 3, 4] ^= 1
+
+    def label(images, labels):
+        labels[5] += 1
+
+    root = coded_split[0]
+    reference = race.host_checksums(root, batch=8, crop=16, seed=3, epochs=2)
+    cpu = torch.device("cpu")
+    common = dict(batch=8, crop=16, seed=3, workers=2)
+    assert race.run(root, cpu, reference, copier=copier(lambda i, y: None), **common)[:2] == (0, 2 * len(reference[0]))
+    assert race.run(root, cpu, reference, copier=copier(pixel), **common)[0] == 1
+    assert race.run(root, cpu, reference, copier=copier(label), **common)[0] == 1
+
+
+def test_a_timed_out_check_is_killed_with_every_process_it_started(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing the check's session is not enough."""
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+              "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    grandchild = int(proc.stdout.readline())
+    runner.kill_tree(proc.pid)
+    proc.wait(timeout=10)
+    from bench.gpu_check import procs
+    assert not procs.wait_gone({grandchild}, timeout=5), "the grandchild in its own session outlived the kill"
 
 
 def test_what_the_budget_cannot_reach_is_skipped_and_said(tmp_path):
@@ -119,7 +184,7 @@ def test_without_pip_the_wheels_are_unpacked(tmp_path, monkeypatch):
     assert (tmp_path / "target" / "lmdb" / "__init__.py").read_text() == "FROM_WHEEL = True\n"
 
 
-def test_a_module_with_no_wheel_is_named_and_nothing_runs(tmp_path):
+def test_a_module_with_no_wheel_is_named_and_only_the_versions_run(tmp_path):
     env = blocked(tmp_path, "lmdb")
     proc, report, out = run_check(tmp_path, "--budget", "60", "--wheels", str(tmp_path / "none"), env=env,
                                   timeout=120)
@@ -127,7 +192,9 @@ def test_a_module_with_no_wheel_is_named_and_nothing_runs(tmp_path):
     setup = report["checks"][0]
     assert setup["status"] == "failed" and setup["figures"]["missing"] == ["lmdb"]
     assert "make gpu-wheels" in setup["report"]
-    assert all(c["status"] == "skipped" and "needs setup" in c["why"] for c in report["checks"][1:])
+    versions, *rest = report["checks"][1:]
+    assert versions["status"] == "passed" and versions["figures"]["lmdb"].startswith("missing (ImportError")
+    assert all(c["status"] == "skipped" and "needs setup" in c["why"] for c in rest)
 
 
 def test_nothing_but_the_loader_copies_loader_output_to_a_device():

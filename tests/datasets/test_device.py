@@ -64,8 +64,16 @@ class FakeEvent:
 class FakeTensor:
     """A host tensor whose ``to`` logs the stream current at the copy; the copy knows what it was copied from."""
 
-    def __init__(self, cuda, name, source=None):
-        self.cuda, self.name, self.source = cuda, name, source
+    def __init__(self, cuda, name, source=None, pinned=True):
+        self.cuda, self.name, self.source, self.pinned = cuda, name, source, pinned
+
+    def is_pinned(self):
+        return self.pinned
+
+    def pin_memory(self):
+        pinned = FakeTensor(self.cuda, f"{self.name} pinned", source=self)
+        self.cuda.log.append(("pin_memory", self, pinned, self.cuda.current_stream()))
+        return pinned
 
     def to(self, device, non_blocking=False):
         copy = FakeTensor(self.cuda, f"{self.name} on {device}", source=self)
@@ -194,3 +202,15 @@ def test_to_device_waits_for_each_batch_with_the_event_its_copy_returned(ahead, 
             assert (d_images, d_labels) == (("images", k), ("labels", k))
             got.append(k)
     assert got == list(range(n if fail_after is None else fail_after))
+
+
+def test_pageable_tensors_are_staged_in_pinned_memory_before_their_copy():
+    """A copy from pageable memory would make the host wait for the side stream's earlier work: the labels
+    (always pageable) and images that could not be page-locked are pinned first, and the pinned one is copied."""
+    cuda = FakeCuda()
+    copier = CudaCopier("cuda:0", cuda=cuda)
+    images, labels = FakeTensor(cuda, "images"), FakeTensor(cuda, "labels", pinned=False)
+    d_images, d_labels, _ = copier.copy(images, labels)
+    pins = [e for e in cuda.log if e[0] == "pin_memory"]
+    assert [e[1] for e in pins] == [labels], "only the pageable tensor is staged"
+    assert d_labels.source is pins[0][2] and d_images.source is images

@@ -126,6 +126,24 @@ def test_a_collection_in_a_worker_never_finalises_the_parents_objects(tmp_path):
     assert finalised_by == [os.getpid()], f"finalised by {finalised_by}; parent {os.getpid()}, worker {pids}"
 
 
+def test_starting_a_pool_leaves_the_applications_gc_state_as_it_was():
+    """An application that froze its objects (gc.freeze, as servers do before forking) keeps them frozen, and a
+    collector it turned off stays off."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        pool = ProcessPool(lambda epoch: _Collecting(), workers=1, slots=3, batch_shape=(1, 1, 1, 3))
+        assert gc.get_freeze_count() >= frozen and gc.isenabled()
+        pool.close()
+        gc.disable()
+        pool = ProcessPool(lambda epoch: _Collecting(), workers=1, slots=3, batch_shape=(1, 1, 1, 3))
+        assert not gc.isenabled()
+        pool.close()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
 
 class _Labelled:
     """Batch k: labels k."""
