@@ -24,6 +24,7 @@ depend on thread timing, and ``state_dict()`` / ``load_state_dict()`` resume mid
 import collections
 import functools
 import multiprocessing
+import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,7 @@ import torch
 from datasets import format as fmt
 from datasets.device import CudaCopier, to_device
 from datasets.lmdb_dataset import LMDBDataset
-from datasets.worker_pool import CudaRegistrar, ProcessPool
+from datasets.worker_pool import CudaRegistrar, ProcessPool, check_owner
 
 ORDERS = ("random", "sequential")
 BACKENDS = ("threads", "processes")
@@ -218,6 +219,7 @@ class Loader:
         self._plan_epoch, self._plan = None, None
         self._pool = None
         self._sources, self._closes = weakref.WeakSet(), 0  # live iterations, for close()
+        self._owner = os.getpid()  # its workers and buffers are this process's: a forked child must not use them
 
     @property
     def meta(self):
@@ -274,8 +276,9 @@ class Loader:
                         skip_corrupt=self.skip_corrupt)
 
     def __iter__(self):
+        check_owner(self._owner)
         batches = self._batches()
-        start = self.position
+        start = self.position if self.train else 0  # a pass over an evaluation loader is always whole
         source = self._threads(batches, start) if self.backend == "threads" else self._processes(len(batches), start)
         if self.copier is not None:
             source = to_device(source, self.copier)
@@ -318,6 +321,7 @@ class Loader:
                 while nxt < len(batches) and len(pending) < ahead:
                     pending.append(self._pool.submit(batches.__getitem__, nxt))
                     nxt += 1
+                check_owner(self._owner)  # the pool's threads are not in a forked child: it would wait for ever
                 yield self._noted(*pending.popleft().result())
         finally:
             for f in pending:

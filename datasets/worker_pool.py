@@ -40,6 +40,14 @@ from datasets import format as fmt
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive (a busy one: before every task)
 
 
+def check_owner(owner):
+    """A loader's workers, threads, queues and buffers are the process's that made it (``owner``): a forked child
+    that used them would take the parent's results, or wait for ever on threads it does not have."""
+    if os.getpid() != owner:
+        raise RuntimeError(f"this loader was made in process {owner}, and this is a forked child ({os.getpid()}): "
+                           "its workers and buffers belong to the parent; create a new loader in this process")
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker process (set as the caller's exception's cause)."""
 
@@ -191,6 +199,7 @@ class ProcessPool:
             cv2.setNumThreads(cv_threads)
         self._registrar, self._registered = registrar, {}
         self.closed = False
+        self._owner = os.getpid()
         self.pinned = registrar is not None and self._pin()
 
     def _pin(self):
@@ -234,8 +243,12 @@ class ProcessPool:
         finalizer.atexit = False
         return view
 
+    def _check_owner(self):
+        check_owner(self._owner)
+
     def _result(self):
         """The next result of any iteration; a slot whose task was abandoned goes back to the free list."""
+        self._check_owner()
         while True:
             if not self._results_ready.poll(1000):
                 for p in self.procs:
@@ -258,12 +271,14 @@ class ProcessPool:
         Starting another ``run`` ends this one: its slots go back once its workers report."""
         if self.closed:
             raise RuntimeError("the loader's worker pool is closed")
+        self._check_owner()
         self.generation += 1
         gen = self.generation
         ahead = max(1, len(self.images) - 2)  # the caller's current and previous batch hold the other two
         sent, ready, nxt = {}, {}, start
         try:
             for k in range(start, stop):
+                self._check_owner()
                 if self.closed:
                     raise RuntimeError("the loader was closed during this iteration")
                 if gen != self.generation:
@@ -324,6 +339,8 @@ class ProcessPool:
         if getattr(self, "closed", True):
             return
         self.closed = True
+        if os.getpid() != self._owner:  # a forked child's copy: the workers, queues and buffers are the parent's
+            return
         for _ in self.procs:
             self.tasks.put(None)
         for p in self.procs:

@@ -272,3 +272,48 @@ def test_a_position_resumes_on_another_number_of_ranks_with_the_same_global_batc
         for order in ("sequential", "random"):
             make_loader(root, batch_size=16, train=True, workers=0, crop=16, seed=4,
                         order=order).load_state_dict(state | {"position": position})
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_pass_over_an_evaluation_loader_is_always_whole(coded_split, backend):
+    """A partial pass (next(iter(val))) leaves no position behind: the next pass sees every record once."""
+    root, _, sources = coded_split
+    val = make_loader(root, batch_size=8, train=False, workers=2, backend=backend)
+    next(iter(val))
+    labels = torch.cat([y for _, y in val])
+    assert len(labels) == len(sources)
+    assert len(torch.cat([y for _, y in val])) == len(sources)
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_forked_child_cannot_use_its_parents_loader_and_the_parent_goes_on(coded_split, backend):
+    """The child gets one clear error (not the parent's results, nor a wait for ever); closing its copy of the
+    loader (as its finaliser does at exit) stops nothing of the parent's; the parent's iteration goes on whole."""
+    import os
+    root = coded_split[0]
+    loader = make_loader(root, batch_size=8, train=True, workers=2, backend=backend)
+    expected = [y.clone() for _, y in make_loader(root, batch_size=8, train=True, workers=0)]
+    it = iter(loader)
+    got = [next(it)[1].clone()]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own iteration, then the parent's iteration in progress, then its close
+        os.close(r)
+        said = []
+        for attempt in (lambda: next(iter(loader)), lambda: next(it)):
+            try:
+                attempt()
+                said.append("no error")
+            except RuntimeError as exc:
+                said.append(str(exc))
+        loader.close()  # what its finaliser does at a normal exit: must stop nothing of the parent's
+        os.write(w, "\n".join(said).encode())
+        os.close(w)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        said = f.read().split("\n")
+    os.waitpid(pid, 0)
+    assert len(said) == 2 and all("forked child" in s and "create a new loader in this process" in s for s in said)
+    got += [y.clone() for _, y in it]
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
