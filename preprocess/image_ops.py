@@ -102,6 +102,32 @@ def center_crop(img, size):
     return img[top:top + size, left:left + size]
 
 
+MAX_ASPECT = 8  # an enlarged image longer than this many times its width is never made whole
+
+
 def to_square(img, size, *, exact=False):
-    """The paper's offline step (Sec. 2): shorter side to ``size``, then the centre ``size``×``size`` crop."""
+    """The paper's offline step (Sec. 2): shorter side to ``size``, then the centre ``size``×``size`` crop.
+
+    A strip (say 1×30,000 pixels, 169 bytes as a PNG) would be enlarged whole first: 5.9 GB at size 256.
+    Enlarged past an aspect ratio of ``MAX_ASPECT``, only the crop is computed, by the same bilinear map
+    (within one level of ``cv2.resize``'s fixed-point rounding); every other image goes through the resize."""
+    h, w = img.shape[:2]
+    if min(h, w) < size and max(h, w) > MAX_ASPECT * min(h, w):
+        return _enlarged_strip(img, size)
     return np.ascontiguousarray(center_crop(resize_shorter(img, size, exact=exact), size))
+
+
+def _enlarged_strip(img, size):
+    """``center_crop(resize_shorter(img, size), size)`` for an enlargement, without the whole resized image:
+    each output pixel sampled where ``cv2.resize`` (INTER_LINEAR, pixel centres aligned) would sample it."""
+    h, w = img.shape[:2]
+    shorter, longer = min(h, w), max(h, w)
+    new_long = max(size, round(longer * size / shorter))
+    off = (new_long - size) // 2
+    r_long, r_short = longer / new_long, shorter / size
+    along = [r_long, (off + 0.5) * r_long - 0.5]  # output index -> source coordinate, long axis
+    across = [r_short, 0.5 * r_short - 0.5]
+    (ax, bx), (ay, by) = (across, along) if h > w else (along, across)
+    m = np.array([[ax, 0, bx], [0, ay, by]])
+    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)

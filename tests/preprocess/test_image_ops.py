@@ -1,5 +1,7 @@
 """Decoding and the paper's rescale + centre crop, against numpy and Pillow computations written here."""
 import io
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from preprocess import image_ops
-from tests.conftest import encode, random_rgb
+from tests.conftest import ROOT, encode, random_rgb
 
 
 def rgb_of(bgr):
@@ -123,3 +125,30 @@ def test_too_many_pixels_is_skipped_before_decoding(rng):
     with pytest.raises(image_ops.SkipImage, match="too many pixels.*120x100"):
         image_ops.decode(data, max_pixels=100 * 120 - 1)
     assert image_ops.decode(data, max_pixels=100 * 120).shape == (100, 120, 3)
+
+
+@pytest.mark.parametrize("shape,size", [((600, 2, 3), 64), ((3, 2000, 3), 64), ((900, 50, 3), 256)])
+def test_an_enlarged_strip_is_its_resized_crop_without_the_whole_resize(shape, size):
+    """Past 8:1, an enlargement computes only the crop: within one level of resize-then-crop (cv2.resize's own
+    fixed-point rounding), everywhere."""
+    img = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    h, w = shape[:2]
+    new = (size, round(h * size / w)) if w < h else (round(w * size / h), size)
+    full = cv2.resize(img, new, interpolation=cv2.INTER_LINEAR)
+    top, left = (full.shape[0] - size) // 2, (full.shape[1] - size) // 2
+    expected = full[top:top + size, left:left + size].astype(int)
+    got = image_ops.to_square(img, size)
+    assert got.shape == (size, size, 3) and np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_a_169_byte_strip_needs_no_gigabytes(tmp_path):
+    """A 1×30000 PNG enlarged to 256 would be 5.9 GB whole; under a 1.5 GB address-space limit it packs."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    cv2.imwrite(str(src / "strip.png"), np.full((30000, 1, 3), 128, np.uint8))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29)); "
+            "from preprocess.build_lmdb import build; "
+            f"s = build({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, workers=1, quiet=True); "
+            "print(s['written'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "1", proc.stderr[-2000:]
