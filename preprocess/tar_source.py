@@ -10,6 +10,7 @@ are sorted by (folder, name) within a class.
 import io
 import multiprocessing
 import os
+import posixpath
 import sys
 import tarfile
 
@@ -70,6 +71,18 @@ def _clean(name):
     """A member name as a relative path ('./a/b' and '/a/b' are 'a/b'), or None when it leaves the archive."""
     parts = [p for p in name.split("/") if p not in ("", ".")]
     return None if ".." in parts else "/".join(parts)
+
+
+def _root_prefix(root, shown):
+    """The member-name prefix of --root: normalised as a path inside the archive ('a/b/../c' is 'a/c'); one that
+    climbs out of it is refused (it used to be dropped, which packed the whole archive)."""
+    if not root:
+        return ""
+    norm = posixpath.normpath(root.strip("/"))
+    if norm == ".." or norm.startswith("../"):
+        raise SourceError(f"--root {root}: climbs out of {shown}; give a folder inside the archive, as `tar tf` "
+                          "lists it (e.g. ILSVRC/Data/CLS-LOC/val)")
+    return "" if norm == "." else norm + "/"
 
 
 def _is_image(name):
@@ -208,8 +221,8 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
     if is_gzip(archive):  # the builder decompresses it first (build_lmdb.decompressed)
         raise SourceError(f"{archive}: a gzip-compressed tar, which cannot be read in place; decompress it "
                           "(gunzip -k) and pass the .tar")
-    prefix = _clean(root) + "/" if root and _clean(root) else ""
     shown = shown or archive
+    prefix = _root_prefix(root, shown)
     outer, problem = _scan(archive, 0, os.path.getsize(archive))
     if problem and not outer:
         raise SourceError(f"{shown}: {problem}")

@@ -238,6 +238,13 @@ def test_root_picks_a_folder_inside_the_archive(tmp_path, rng):
     assert {r["source"]: r["label"] for r in v} == {n: il.WNIDS.index(w) for n, w, _ in vals}
     assert {r["source"]: meta_t["classes"][r["label"]] for r in t} == {f"{w}/{n}": w for n, w, _ in vals}
     assert {r["image"] for r in v} == {r["image"] for r in t}
+    build(str(tmp_path / "kaggle.tar"), str(tmp_path / "v2"), size=24, quiet=True, workers=1,
+          root="./ILSVRC/Data/CLS-LOC/train/../val/", labels=csv_path)  # normalised, as a path in the archive
+    assert read_plain(tmp_path / "v2")[1] == v
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "kaggle.tar", tmp_path / "o", "--root", "ILSVRC/../../x",
+                   check=False)
+    assert proc.returncode == 2 and "--root ILSVRC/../../x: climbs out of" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
 def test_tar_listing_reads_headers_only(tmp_path, rng, monkeypatch):
