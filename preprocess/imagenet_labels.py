@@ -129,6 +129,10 @@ def _kaggle(path, text):
         by_image[image] = (wnid, n)
     mapping = os.path.join(os.path.dirname(os.path.abspath(path)), SYNSET_MAPPING)
     names = read_class_names(mapping) if os.path.exists(mapping) else None
+    for image, (wnid, n) in by_image.items() if names else ():
+        if wnid not in names:
+            raise SourceError(f"{path}:{n}: class {wnid!r} of {image} is not among the {len(names)} classes of "
+                              f"{mapping} beside it; use the csv and the mapping file of one download")
     return ImageLabels(path, by_image, list(names) if names else None, names)
 
 

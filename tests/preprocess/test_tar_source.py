@@ -158,6 +158,13 @@ def test_label_file_problems_are_named(train, rng, monkeypatch):
             build(str(tmp / src), str(tmp / "o"), size=32, quiet=True, workers=1, **kw)
 
     fails(rf"{vals[-1][0]} has no label in .*LOC_val_solution.csv", labels=csv_path)
+    mapping = tmp / "k" / "LOC_synset_mapping.txt"
+    lines = mapping.read_text().splitlines()
+    used = vals[0][1]
+    mapping.write_text("".join(f"{line}\n" for line in lines if not line.startswith(used)))  # another download's
+    fails(rf"LOC_val_solution.csv:\d+: class '{used}' of .* is not among the {len(lines) - 1} classes of "
+          r".*LOC_synset_mapping.txt beside it", labels=csv_path)
+    il.write_kaggle(str(tmp / "k"), vals[:-1])
     fails("and no class folder; give their labels with --labels", src="val.tar")
     gt = il.write_devkit(str(tmp / "dk"), vals)
     os.remove(tmp / "dk" / "meta.mat")
