@@ -10,6 +10,7 @@ build and yields the same records as an uninterrupted one.
 """
 import argparse
 import errno
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -339,6 +340,11 @@ def decompressed(src, out, quiet):
     st = os.stat(src)
     key = hashlib.sha1(repr((os.path.abspath(src), st.st_size, st.st_mtime_ns)).encode()).hexdigest()[:12]
     path = f"{out}.source-{key}.tar"
+    for stale in glob.glob(glob.escape(f"{out}.source-") + "*.tar"):  # this build holds OUT's lock: none is in use
+        if stale != path:
+            os.remove(stale)
+            print(f"removed {stale}, left by a build that was stopped or that read another archive",
+                  file=sys.stderr)
     if os.path.exists(path):
         print(f"{src}: reusing its decompressed copy {path}", file=sys.stderr)
         return path

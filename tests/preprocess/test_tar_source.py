@@ -202,8 +202,14 @@ def test_gzip_tar_is_decompressed_once_beside_out_and_resumed(tmp_path, rng):
     assert proc.returncode == 2 and "gzip-compressed: decompressing it once" in proc.stderr
     copies = [p for p in os.listdir(tmp_path) if p.startswith("t.source-")]
     assert len(copies) == 1  # kept for the next attempt
+    # what a decompression killed half-way (SIGKILL, SIGTERM) leaves, and a copy of another archive's
+    killed = [tmp_path / "t.source-0123456789ab.tmp-99999.tar", tmp_path / copies[0].replace(".tar", ".tmp-4242.tar"),
+              tmp_path / "t.source-ba9876543210.tar"]
+    for k in killed:
+        k.write_bytes(b"partial")
     proc = run_cli("preprocess.build_lmdb", tmp_path / "a.tgz", tmp_path / "t", "--size", 24, "--resume")
     assert "reusing its decompressed copy" in proc.stderr
+    assert all(f"removed {k}" in proc.stderr and not k.exists() for k in killed)
     meta, recs = read_plain(tmp_path / "t")
     assert recs == read_plain(tmp_path / "f")[1] and meta["skipped"][0]["source"] == "c0/broken.jpg"
     assert not [p for p in os.listdir(tmp_path) if p.startswith("t.source-")]  # removed once complete
