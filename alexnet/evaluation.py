@@ -23,7 +23,21 @@ def load_model(path, device):
     ckpt = checkpoint.load(path)
     cfg = ckpt["config"]
     meta = ckpt["meta"]
-    model = run.model(config.from_dict(cfg, path), len(meta["classes"]))
+    try:
+        resolved = config.from_dict(cfg, path)
+        with torch.device("meta"):  # the shapes its config makes, before allocating anything (crop 2000: 15.6 GB)
+            shapes = {k: tuple(v.shape) for k, v in run.model(resolved, len(meta["classes"])).state_dict().items()}
+    except (config.ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its config cannot make a model ({exc}); the checkpoint is damaged or was "
+                              "edited") from None
+    for key, want in shapes.items():
+        got = ckpt["model"].get(key)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+            raise CheckpointError(f"{path}: its weights do not fit its config: {key} is "
+                                  f"{tuple(got.shape) if isinstance(got, torch.Tensor) else 'missing'}, the config "
+                                  f"(data.crop {resolved.data.crop}, model.groups {resolved.model.groups}) makes "
+                                  f"{want}; the checkpoint is damaged or was edited")
+    model = run.model(resolved, len(meta["classes"]))
     model.load_state_dict(ckpt["model"])
     model = model.to(device, memory_format=torch.channels_last).eval()
     mean_image = ckpt.get("mean_image")

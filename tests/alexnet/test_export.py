@@ -56,3 +56,29 @@ def test_onnx_without_its_packages_says_what_to_install(trained, tmp_path):
                           timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path / "hide")})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "pip install onnx onnxscript" in proc.stderr
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
+
+
+CROP_2000 = ({"data": {"crop": 2000}}, "its weights do not fit its config: classifier.fc6.weight is (4096, 256), "
+                                       "the config (data.crop 2000, model.groups 1) makes (4096, 952576)")
+
+
+@pytest.mark.parametrize("edit,says,command", [
+    (*CROP_2000, "alexnet.export"), (*CROP_2000, "alexnet.predict"),
+    ({"data": {"crop": "big"}}, "its config cannot make a model", "alexnet.export"),
+])
+def test_a_hand_edited_checkpoint_is_refused_before_anything_is_built(trained, tmp_path, edit, says, command):
+    """crop 2000 would make a 15.6 GB fc6 before the shapes were compared: the config is checked against the
+    weights first, one line, exit 2, under a 2 GB address-space limit."""
+    import resource
+    ckpt = torch.load(trained / "last.pt", weights_only=True)
+    for section, values in edit.items():
+        ckpt["config"][section].update(values)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    import cv2
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((80, 80, 3), np.uint8))
+    args = [tmp_path / "m.pt"] if command == "alexnet.export" else [tmp_path / "x.png"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 29, 4 << 29))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", command, *map(str, args), "--checkpoint", str(tmp_path / "edited.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and says in err and "Traceback" not in err, err[-2000:]
