@@ -52,6 +52,14 @@ class _Window(io.RawIOBase):
     def seekable(self):
         return True
 
+    def read(self, n=-1):
+        """At most what is left of the window: a header that claims gigabytes (a pax or GNU long-name record)
+        allocates no more than the archive holds."""
+        n = self.size - self.pos if n is None or n < 0 else min(n, max(0, self.size - self.pos))
+        data = os.pread(self.fd, n, self.offset + self.pos)
+        self.pos += len(data)
+        return data
+
     def readinto(self, b):
         n = max(0, min(len(b), self.size - self.pos))
         data = os.pread(self.fd, n, self.offset + self.pos)
@@ -145,6 +153,8 @@ def _tarfile_members(fd, offset, size):
             return members, f"the archive ends early ({exc}): it was cut short"
         if m is None:
             return members, None
+        if m.size < 0:  # tarfile would step back to an earlier header: the listing would never end
+            return members, f"{m.name}: its header claims a negative size; the archive is damaged"
         name = m.name
         h = os.pread(fd, 512, offset + m.offset)
         prefix = os.fsdecode(_nts(h[345:500]))
@@ -196,9 +206,10 @@ class TarSource(FileSource):
     def load(self, indices):
         if self._fd is None:
             self._fd = os.open(self.archive, os.O_RDONLY)
+        end = os.fstat(self._fd).st_size
         for i in indices:
             offset, size = self.spans[i]
-            data = os.pread(self._fd, size, offset)
+            data = os.pread(self._fd, max(0, min(size, end - offset)), offset)  # a claim past the end: not allocated
             if len(data) < size:
                 yield MissingFile("truncated", f"the archive ends {len(data)} bytes into this {size}-byte member")
             else:
@@ -223,7 +234,8 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
                           "(gunzip -k) and pass the .tar")
     shown = shown or archive
     prefix = _root_prefix(root, shown)
-    outer, problem = _scan(archive, 0, os.path.getsize(archive))
+    archive_size = os.path.getsize(archive)
+    outer, problem = _scan(archive, 0, archive_size)
     if problem and not outer:
         raise SourceError(f"{shown}: {problem}")
     skipped, warnings, found, spans, inner, escaped = [], [], {}, {}, [], []
@@ -235,6 +247,9 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
         if full is None:
             skipped.append({"source": printable(where + name), "reason": "member name leaves the archive ('..'); "
                                                                           "not read"})
+            return
+        if isfile and length < 0:
+            skipped.append({"source": printable(where + name), "reason": "its header claims a negative size; not read"})
             return
         if isfile and not sparse:
             spans[full] = (offset, length)
@@ -258,7 +273,7 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
     for name, offset, length, isfile, sparse, link in outer:
         rel = _clean(name)
         if isfile and rel and rel.lower().endswith(".tar") and "/" not in rel and not prefix and labels is None:
-            inner.append(((archive, offset, length), rel))
+            inner.append(((archive, offset, max(0, min(length, archive_size - offset))), rel))
         else:
             add(name, offset, length, isfile, sparse, link, "")
     if inner:

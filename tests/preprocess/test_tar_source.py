@@ -13,7 +13,7 @@ import pytest
 
 from preprocess.build_lmdb import build
 from preprocess.sources import SourceError
-from tests.conftest import encode, random_rgb, run_cli
+from tests.conftest import ROOT, encode, random_rgb, run_cli
 from tests.preprocess import imagenet_like as il
 from tests.preprocess.test_build import read_plain
 
@@ -427,3 +427,49 @@ def test_gzip_padding_and_a_highly_compressed_member(tmp_path, rng):
     (tmp_path / "a.tgz").write_bytes(gzip.compress(buf.getvalue()) + bytes(4096))
     build(str(tmp_path / "a.tgz"), str(tmp_path / "o"), size=24, quiet=True, workers=1)
     assert sorted(r["source"] for r in read_plain(tmp_path / "o")[1]) == ["c/x.jpg", "c/y.jpg"]
+
+
+def _with_size_field(block, field):
+    """A 512-byte tar header with its 12-byte size field replaced, checksum recomputed."""
+    h = bytearray(block[:512])
+    h[124:136] = field
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _base256(n):
+    return bytes([0x80 if n >= 0 else 0xFF]) + (n % (1 << 88)).to_bytes(11, "big")
+
+
+@pytest.mark.parametrize("claim", ["pax 10**15", "base-256 2**62", "base-256 negative", "long name 6 GiB"])
+def test_tar_headers_that_claim_huge_sizes_allocate_nothing_of_it(tmp_path, rng, claim):
+    """A header claiming far more than the archive (or a negative size) is skipped or reported, never read or
+    allocated: the build runs under a 1.5 GB address-space limit and packs the honest members."""
+    good = encode(random_rgb(rng, 40, 50))
+    honest = tarfile.TarInfo("c0/good.jpg")
+    honest.size = len(good)
+    with open(tmp_path / "a.tar", "wb") as f:
+        f.write(honest.tobuf(tarfile.GNU_FORMAT) + good + bytes(-len(good) % 512))
+        bad = tarfile.TarInfo("c1/bad.jpg")
+        bad.size = len(good)
+        if claim == "pax 10**15":
+            bad.pax_headers = {"size": str(10**15)}
+            f.write(bad.tobuf(tarfile.PAX_FORMAT) + good + bytes(-len(good) % 512))
+        elif claim == "long name 6 GiB":
+            long = tarfile.TarInfo("././@LongLink")
+            long.type, long.size = tarfile.GNUTYPE_LONGNAME, 6 << 30
+            f.write(long.tobuf(tarfile.GNU_FORMAT) + b"c1/long.jpg\0" + bytes(500))
+        else:
+            size = 2**62 if claim == "base-256 2**62" else -4096
+            f.write(_with_size_field(bad.tobuf(tarfile.GNU_FORMAT), _base256(size)) + good + bytes(-len(good) % 512))
+        f.write(bytes(1024))
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29)); "
+            "from preprocess.build_lmdb import main; import sys; "
+            f"sys.exit(main([{str(tmp_path / 'a.tar')!r}, {str(tmp_path / 'out')!r}, '--size', '24', '--workers', '1']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta, recs = read_plain(tmp_path / "out")
+    assert [r["source"] for r in recs] == ["c0/good.jpg"]
+    assert meta["skipped"], "what the bad header claimed is reported"
