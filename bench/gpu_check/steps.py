@@ -488,6 +488,8 @@ def main(argv=None):
         traceback.print_exc()
         result = {"status": "failed", "why": f"{type(exc).__name__}: {exc}", "figures": {}, "report": ""}
     result["figures"] = json.loads(json.dumps(result["figures"], default=str))
+    print(f"\n{result['status']}" + (f": {result['why']}" if result.get("why") else "") + f"\n{result['report']}",
+          flush=True)  # the log holds what the report says, whatever the check printed itself
     tmp = f"{args.result}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f)

@@ -63,7 +63,7 @@ CROP_2000 = ({"data": {"crop": 2000}}, "its weights do not fit its config: class
 
 
 @pytest.mark.parametrize("edit,says,command", [
-    (*CROP_2000, "alexnet.export"), (*CROP_2000, "alexnet.predict"),
+    (*CROP_2000, "alexnet.predict"),
     ({"data": {"crop": "big"}}, "its config cannot make a model", "alexnet.export"),
 ])
 def test_a_hand_edited_checkpoint_is_refused_before_anything_is_built(trained, tmp_path, edit, says, command):
