@@ -160,7 +160,9 @@ def _tarfile_members(fd, offset, size):
         prefix = os.fsdecode(_nts(h[345:500]))
         if h[257:265] == _GNU_MAGIC and prefix and name.startswith(prefix + "/"):
             name = name[len(prefix) + 1:]  # tarfile reads a GNU header's access time as a ustar prefix
-        members.append((name, m.offset_data, m.size, m.isfile(), m.issparse(), m.linkname if m.islnk() else None))
+        # a sparse member's size is what it expands to; what the archive stores of it is the sum of its chunks
+        stored = sum(n for _, n in m.sparse) if m.issparse() else m.size
+        members.append((name, m.offset_data, stored, m.isfile(), m.issparse(), m.linkname if m.islnk() else None))
 
 
 def _scan(path, offset, size):
@@ -269,6 +271,7 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
             warnings.append({"source": rel, "reason": "in the archive twice; the later copy is packed, as tar "
                                                       "would extract it"})
         found[rel] = spans[full]
+        return True
 
     for name, offset, length, isfile, sparse, link in outer:
         rel = _clean(name)
@@ -288,11 +291,11 @@ def list_tar(archive, *, root=None, labels=None, class_map=None, workers=1, quie
                     skipped.append({"source": where, "reason": problem})
                 if not members and problem:
                     continue  # not a tar: listed in skipped, no class
-                before, cls = len(found), rel[:-4]
+                cls, images = rel[:-4], 0
                 for name, off, length, isfile, sparse, link in members:
-                    add(f"{cls}/{name}", offset + off, length, isfile, sparse,
-                        None if link is None else f"{cls}/{link}", f"{where}:")
-                if len(found) == before and not problem:
+                    images += bool(add(f"{cls}/{name}", offset + off, length, isfile, sparse,
+                                       None if link is None else f"{cls}/{link}", f"{where}:"))
+                if not images and not problem:  # (a class tar added twice, as `tar -r` does, has its images)
                     raise SourceError(f"{where}: class tar holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
                                       "remove it or add its images")
     if escaped:

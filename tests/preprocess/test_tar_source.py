@@ -473,3 +473,46 @@ def test_tar_headers_that_claim_huge_sizes_allocate_nothing_of_it(tmp_path, rng,
     meta, recs = read_plain(tmp_path / "out")
     assert [r["source"] for r in recs] == ["c0/good.jpg"]
     assert meta["skipped"], "what the bad header claimed is reported"
+
+
+def test_a_class_tar_added_twice_packs_its_later_copy(train, tmp_path):
+    """`tar -rf train.tar n01.tar` after an update: the class tar is in the archive twice. Its images are packed
+    once, from the later copy, as tar would extract them (it was refused as 'a class tar that holds no images')."""
+    tmp, images = train
+    first = sorted(images)[0]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as inner:
+        for name in sorted(images[first]):
+            il.add_bytes(inner, name, images[first][name])
+    data = (tmp / "train.tar").read_bytes()
+    with tarfile.open(tmp_path / "twice.tar", "w") as outer:  # the same archive, that class tar appended again
+        with tarfile.open(tmp / "train.tar") as src:
+            for m in src:
+                outer.addfile(m, src.extractfile(m))
+        il.add_bytes(outer, f"{first}.tar", buf.getvalue())
+    assert len(data) < (tmp_path / "twice.tar").stat().st_size
+    build(str(tmp_path / "twice.tar"), str(tmp_path / "out"), size=32, quiet=True, workers=1)
+    build(str(tmp / "train.tar"), str(tmp_path / "once"), size=32, quiet=True, workers=1)
+    assert read_plain(tmp_path / "out")[1] == read_plain(tmp_path / "once")[1]
+
+
+def test_a_gnu_sparse_member_is_no_cut_short_archive(tmp_path, rng):
+    """GNU tar -S stores a sparse file's chunks only: the archive is whole (it was reported 'cut short', and
+    refused under --strict); the sparse member is skipped by name, the images beside it packed."""
+    import shutil
+    if shutil.which("tar") is None:
+        pytest.skip("no tar here")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jpg").write_bytes(encode(random_rgb(rng, 30, 40)))
+    with open(tmp_path / "c" / "holes.jpg", "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(500_000)
+        f.write(b"xyz")
+    subprocess.run(["tar", "-S", "-cf", str(tmp_path / "s.tar"), "-C", str(tmp_path), "c"], check=True)
+    proc = run_cli("preprocess.build_lmdb", tmp_path / "s.tar", tmp_path / "out", "--size", 24)
+    meta, recs = read_plain(tmp_path / "out")
+    assert [r["source"] for r in recs] == ["c/a.jpg"] and "cut short" not in proc.stderr
+    assert [(s["source"], "sparse" in s["reason"]) for s in meta["skipped"]] == [("c/holes.jpg", True)]
+    strict = run_cli("preprocess.build_lmdb", tmp_path / "s.tar", tmp_path / "o2", "--size", 24, "--strict",
+                     check=False)
+    assert strict.returncode == 2 and "c/holes.jpg" in strict.stderr and "cut short" not in strict.stderr
