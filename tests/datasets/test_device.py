@@ -107,25 +107,26 @@ def test_copy_issues_both_copies_on_the_side_stream_then_records_its_event_there
     assert (d_images.source, d_labels.source) == (images, labels)
 
 
-def test_wait_makes_the_consumer_stream_wait_on_the_given_event():
+def _waited():
+    """(the stand-in, the copies and event of one batch, and the log of ``wait`` alone)."""
     cuda = FakeCuda()
     copier = CudaCopier("cuda", cuda=cuda)
     [(images, labels)] = host_batches(cuda, 1)
     d_images, d_labels, event = copier.copy(images, labels)
     del cuda.log[:]
     copier.wait(event, d_images, d_labels)
+    return cuda, d_images, d_labels, event
+
+
+def test_wait_makes_the_consumer_stream_wait_on_the_given_event():
+    cuda, _, _, event = _waited()
     assert [entry for entry in cuda.log if entry[0] == "wait_event"] == [("wait_event", cuda.consumer, event)]
 
 
 def test_wait_records_the_side_stream_copies_on_the_consumer_stream():
     """Without record_stream the caching allocator may hand the copies' memory to the side stream's next copy
     while the consumer still reads it."""
-    cuda = FakeCuda()
-    copier = CudaCopier("cuda", cuda=cuda)
-    [(images, labels)] = host_batches(cuda, 1)
-    d_images, d_labels, event = copier.copy(images, labels)
-    del cuda.log[:]
-    copier.wait(event, d_images, d_labels)
+    cuda, d_images, d_labels, _ = _waited()
     assert [entry for entry in cuda.log if entry[0] == "record_stream"] == [
         ("record_stream", d_images, cuda.consumer), ("record_stream", d_labels, cuda.consumer)]
 

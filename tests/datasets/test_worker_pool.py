@@ -38,6 +38,20 @@ def _wait_gone(pids, seconds):
     return left
 
 
+def _kill_owner(script, *, workers, within):
+    """Run ``script`` (it prints its workers' pids, then waits), SIGKILL it: the workers still alive ``within``
+    seconds later."""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == workers and all(alive(p) for p in pids)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        return _wait_gone(pids, within)
+    finally:
+        owner.kill()
+
+
 def test_kill_9_of_the_owner_leaves_no_worker(coded_split):
     script = textwrap.dedent(f"""
         import sys, time
@@ -49,16 +63,8 @@ def test_kill_9_of_the_owner_leaves_no_worker(coded_split):
         print(*[p.pid for p in loader._pool.procs], flush=True)
         time.sleep(600)
     """)
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        pids = [int(p) for p in owner.stdout.readline().split()]
-        assert len(pids) == 2 and all(alive(p) for p in pids)
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        left = _wait_gone(pids, 10)
-        assert not left, f"workers {left} outlived their owner by 10 s"
-    finally:
-        owner.kill()
+    left = _kill_owner(script, workers=2, within=10)
+    assert not left, f"workers {left} outlived their owner by 10 s"
 
 
 def test_kill_9_of_the_owner_with_tasks_queued_leaves_no_worker():
@@ -79,16 +85,8 @@ def test_kill_9_of_the_owner_with_tasks_queued_leaves_no_worker():
         print(*[p.pid for p in pool.procs], flush=True)
         time.sleep(600)
     """)
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        pids = [int(p) for p in owner.stdout.readline().split()]
-        assert len(pids) == 3 and all(alive(p) for p in pids)
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        left = _wait_gone(pids, 5)
-        assert not left, f"workers {left} outlived their owner by 5 s, building its queued batches"
-    finally:
-        owner.kill()
+    left = _kill_owner(script, workers=3, within=5)
+    assert not left, f"workers {left} outlived their owner by 5 s, building its queued batches"
 
 
 class _Collecting:
