@@ -101,6 +101,18 @@ def _check_part(path, meta):
                                               os.path.basename(p["image_sum"]) == p["image_sum"])))
     if not ok:
         raise MergeError(f"{path}/meta.json: field part is damaged ({_show(p)}); rebuild this part")
+    for field, kind in (("skipped", list), ("warnings", list), ("build", dict), ("stats", dict)):
+        if not isinstance(meta.get(field, [] if field == "warnings" else None), kind):
+            raise MergeError(f"{path}/meta.json: field {field} is {_show(meta.get(field))}, not a {kind.__name__}; "
+                             "rebuild this part")
+    try:
+        stats = [PixelStats.from_dict(x) for x in (meta["stats"], *(s["stats"] for s in meta["shards"]))]
+    except Exception as exc:
+        raise MergeError(f"{path}/meta.json: its stats are damaged ({type(exc).__name__}: {exc}); rebuild this "
+                         "part") from None
+    if sum(x.images for x in stats[1:]) != stats[0].images or \
+            any(x.images != s["num_records"] for x, s in zip(stats[1:], meta["shards"])):
+        raise MergeError(f"{path}/meta.json: its statistics do not count its records; rebuild this part")
     if meta["mean_image"] and not p.get("image_sum"):
         raise MergeError(f"{path}: has a mean image but no {IMAGE_SUM_FILE}; rebuild this part")
 
@@ -171,6 +183,7 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
             src = os.path.join(path, shard["path"], "data.mdb")
             os.mkdir(os.path.join(tmp, name))
             copied += not _link(src, os.path.join(tmp, name, "data.mdb"))
+            _check_linked(os.path.join(tmp, name), shard, first_key, os.path.join(path, shard["path"]))
             shards.append({"path": name, "num_records": shard["num_records"], "first_key": first_key,
                            "stats": shard["stats"]})
         if first["mean_image"]:
@@ -184,6 +197,14 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
                 raise MergeError(f"{sum_path}: {part_sum.dtype} {list(part_sum.shape)}, expected int64 "
                                  f"{list(shape)}; rebuild the part")
             image_sum = part_sum if image_sum is None else image_sum + part_sum
+    for path, meta in ordered:  # what was linked is what was read: no part was rebuilt meanwhile
+        try:
+            now = fmt.read_meta(path)
+        except fmt.FormatError as exc:
+            now = str(exc)
+        if now != meta:
+            raise MergeError(f"{path}: its meta.json changed during the merge (rebuilt?); merge again once no "
+                             "build writes the parts")
     if not shards:
         raise MergeError("the parts hold no records at all (every input was skipped); see their meta.json")
     if sum(s["stats"]["images"] for s in shards) != total.images:
@@ -213,6 +234,22 @@ def _merge_locked(out, tmp, lock, ordered, overwrite, t0):
     _publish(tmp, out, lock, overwrite)
     return {"out": out, "records": meta["num_records"], "shards": len(shards), "copied": copied,
             "elapsed_s": time.monotonic() - t0}
+
+
+def _check_linked(shard_dir, shard, first_key, source):
+    """The linked shard holds what its part's meta.json says: ``num_records`` records keyed from ``first_key``
+    on (a hand-edited or rebuilt part would make a split that ``verify`` refuses)."""
+    env = fmt.open_shard(shard_dir)
+    try:
+        with env.begin() as txn:
+            n, cur = txn.stat()["entries"], txn.cursor()
+            keys = (fmt.decode_key(cur.key()) if cur.first() else None, fmt.decode_key(cur.key()) if cur.last() else None)
+    finally:
+        env.close()
+    want = (first_key, first_key + shard["num_records"] - 1)
+    if n != shard["num_records"] or keys != want:
+        raise MergeError(f"{source}: holds {n} records keyed {keys[0]}..{keys[1]}, but its meta.json says "
+                         f"{shard['num_records']} from {first_key}; the part is damaged or was rebuilt: rebuild it")
 
 
 def main(argv=None):

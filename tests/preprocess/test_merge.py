@@ -201,3 +201,50 @@ def test_version_1_splits_are_still_read(train_tar, tmp_path):
     (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
     proc = run_cli("preprocess.verify", tmp_path / "s", check=False)
     assert proc.returncode != 0 and "shards[0].first_key" in proc.stderr
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda m: {**m, "skipped": "none"}, "field skipped is 'none', not a list"),
+    (lambda m: {k: v for k, v in m.items() if k != "stats"}, "field stats is None, not a dict"),
+    (lambda m: {k: v for k, v in m.items() if k != "build"}, "field build is None, not a dict"),
+    (lambda m: {**m, "stats": {**m["stats"], "images": m["stats"]["images"] + 1}},
+     "its statistics do not count its records"),
+    (lambda m: {**m, "num_records": m["num_records"] + 1, "shards": [{**m["shards"][0], "num_records":
+               m["shards"][0]["num_records"] + 1, "stats": {**m["shards"][0]["stats"], "images":
+               m["shards"][0]["stats"]["images"] + 1}}, *m["shards"][1:]],
+                  "stats": {**m["stats"], "images": m["stats"]["images"] + 1}},
+     r"shard-00000: holds \d+ records keyed \d+..\d+, but its meta.json says"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "first_key": m["shards"][0]["first_key"] + 1},
+                                *m["shards"][1:]]}, r"shard-00000: holds .* but its meta.json says"),
+])
+def test_hand_edited_parts_are_refused_naming_the_field(train_tar, tmp_path, edit, says):
+    """A part is checked, not trusted: its fields' types, its counts against its statistics, and its shards'
+    records against its counts and keys (each of these merged with exit 0 into a split verify refused)."""
+    parts = build_parts(train_tar, tmp_path, 2)
+    meta = json.loads((parts[1] / "meta.json").read_text())
+    (parts[1] / "meta.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(MergeError, match=says):
+        merge(str(tmp_path / "m"), [str(p) for p in parts], quiet=True)
+    assert not (tmp_path / "m").exists()
+    proc = run_cli("preprocess.merge", tmp_path / "m", *parts, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_part_rebuilt_during_the_merge_is_refused(train_tar, tmp_path, monkeypatch):
+    """A part rebuilt (--overwrite) while the merge links it: the merge notices and publishes nothing."""
+    from preprocess import merge as merge_module
+    parts = build_parts(train_tar, tmp_path, 2)
+    real = merge_module._link
+
+    def link_then_rebuild(src, dst):
+        linked = real(src, dst)
+        if not (tmp_path / "rebuilt").exists():
+            (tmp_path / "rebuilt").write_text("")
+            build(str(train_tar), str(parts[0]), size=72, shards=2, quiet=True, part=0, parts=2, workers=1, quality=80,
+                  mean_image=True, overwrite=True)
+        return linked
+
+    monkeypatch.setattr(merge_module, "_link", link_then_rebuild)
+    with pytest.raises(MergeError, match="p0: its meta.json changed during the merge"):
+        merge(str(tmp_path / "m"), [str(p) for p in parts], quiet=True)
+    assert not (tmp_path / "m").exists()
