@@ -298,6 +298,9 @@ class Loader:
         """End any iteration in progress (its copies in flight are waited for), stop the workers and give back
         their memory; iterating again starts new ones. Safe to repeat."""
         self._closes += 1
+        if os.getpid() != self._owner:  # a forked child's copy: the workers, threads and buffers are the parent's
+            self._pool = None
+            return
         for source in list(self._sources):
             source.close()
         if isinstance(self._pool, ProcessPool):

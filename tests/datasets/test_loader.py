@@ -288,32 +288,42 @@ def test_a_pass_over_an_evaluation_loader_is_always_whole(coded_split, backend):
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_a_forked_child_cannot_use_its_parents_loader_and_the_parent_goes_on(coded_split, backend):
     """The child gets one clear error (not the parent's results, nor a wait for ever); closing its copy of the
-    loader (as its finaliser does at exit) stops nothing of the parent's; the parent's iteration goes on whole."""
-    import os
-    root = coded_split[0]
-    loader = make_loader(root, batch_size=8, train=True, workers=2, backend=backend)
-    expected = [y.clone() for _, y in make_loader(root, batch_size=8, train=True, workers=0)]
-    it = iter(loader)
-    got = [next(it)[1].clone()]
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its own iteration, then the parent's iteration in progress, then its close
-        os.close(r)
-        said = []
-        for attempt in (lambda: next(iter(loader)), lambda: next(it)):
-            try:
-                attempt()
-                said.append("no error")
-            except RuntimeError as exc:
-                said.append(str(exc))
-        loader.close()  # what its finaliser does at a normal exit: must stop nothing of the parent's
-        os.write(w, "\n".join(said).encode())
+    loader (as its finaliser does at exit) stops nothing of the parent's; the parent's iteration goes on whole.
+    In a process of its own: pytest's threads would make any fork of it fragile."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import ROOT
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {ROOT!r})
+        import torch
+        from datasets import make_loader
+        loader = make_loader({str(coded_split[0])!r}, batch_size=8, train=True, workers=2, backend={backend!r})
+        expected = [y.clone() for _, y in make_loader({str(coded_split[0])!r}, batch_size=8, train=True, workers=0)]
+        it = iter(loader)
+        got = [next(it)[1].clone()]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own iteration, then the parent's iteration in progress, then its close
+            said = []
+            for attempt in (lambda: next(iter(loader)), lambda: next(it)):
+                try:
+                    attempt()
+                    said.append("no error")
+                except RuntimeError as exc:
+                    said.append(str(exc))
+            loader.close()
+            os.write(w, "\\n".join(said).encode())
+            os._exit(0)
         os.close(w)
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        said = f.read().split("\n")
-    os.waitpid(pid, 0)
-    assert len(said) == 2 and all("forked child" in s and "create a new loader in this process" in s for s in said)
-    got += [y.clone() for _, y in it]
-    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+        with os.fdopen(r) as f:
+            said = f.read().split("\\n")
+        os.waitpid(pid, 0)
+        got += [y.clone() for _, y in it]
+        print(len(said), all("forked child" in s and "create a new loader in this process" in s for s in said),
+              len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "True", "True"], proc.stdout + proc.stderr[-2000:]
