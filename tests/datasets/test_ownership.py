@@ -73,9 +73,9 @@ def test_abandoned_iterations_never_corrupt_later_ones(coded_split, backend, wor
 
 def test_next_iter_repeatedly_then_a_whole_epoch(coded_split):
     root = coded_split[0]
-    loader = make_loader(root, batch_size=8, train=False, workers=3, prefetch=2, crop=CROP)
-    expected = reference(root, 0, train=False)
-    firsts = [next(iter(loader)) for _ in range(10)]  # each new iteration goes on where the last one stopped
+    loader = make_loader(root, batch_size=8, train=True, workers=3, prefetch=2, crop=CROP, seed=7)
+    expected = reference(root, 0)
+    firsts = [next(iter(loader)) for _ in range(10)]  # each new training iteration goes on where the last stopped
     loader.position = 0
     assert_same(firsts, expected[:10])
     assert_same(list(loader), expected)
