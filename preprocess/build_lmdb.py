@@ -282,11 +282,15 @@ def _publish(tmp, out, lock, overwrite):
     os.rename(tmp, out)  # the lock file goes along, still held: no second build can start on a half-moved OUT
     lock.published(out)
     _fsync_dir(os.path.dirname(out))
-    if old:
-        if os.path.islink(old) or not os.path.isdir(old):
-            os.remove(old)
+    # this one's, and what a publish killed between its two renames (or before removing it) left: only a
+    # publish moves OUT aside, and only while it holds OUT's lock, as this one does
+    for stale in sorted(glob.glob(glob.escape(f"{out}.old-") + "[0-9]*")):
+        if os.path.islink(stale) or not os.path.isdir(stale):
+            os.remove(stale)
         else:
-            shutil.rmtree(old)
+            shutil.rmtree(stale)
+        if stale != old:
+            print(f"removed {stale}, the split an interrupted publish had replaced", file=sys.stderr)
 
 
 def _write_error(tmp, exc, done=0, total=0):

@@ -90,6 +90,17 @@ def _read_parts(paths):
     return ordered
 
 
+def _finished_merge(tmp, others):
+    """Whether OUT.partial holds a merge that finished but was not published (killed after its marker was
+    removed): this merge may clear it and do it again."""
+    if fmt.META_FILE not in others:
+        return False
+    try:
+        return "merged" in (fmt.read_meta(tmp).get("build") or {})
+    except fmt.FormatError:
+        return False
+
+
 def _check_part(path, meta):
     """The ``part`` field's entries have their types: a part from elsewhere is checked, not trusted."""
     p = meta["part"]
@@ -152,7 +163,7 @@ def merge(out, parts, *, overwrite=False, quiet=False):
     lock = BuildLock(tmp, out)
     try:
         others = lock.others()
-        if others and MERGE_FILE not in others:
+        if others and MERGE_FILE not in others and not _finished_merge(tmp, others):
             raise MergeError(f"{tmp} holds an interrupted build or other files ({', '.join(sorted(others)[:3])}); "
                              "move it away, or finish that build")
         lock.clear()

@@ -56,12 +56,16 @@ class _Window(io.RawIOBase):
         """At most what is left of the window: a header that claims gigabytes (a pax or GNU long-name record)
         allocates no more than the archive holds."""
         n = self.size - self.pos if n is None or n < 0 else min(n, max(0, self.size - self.pos))
+        if n <= 0:  # past the end (a header's size can point beyond what an offset may hold)
+            return b""
         data = os.pread(self.fd, n, self.offset + self.pos)
         self.pos += len(data)
         return data
 
     def readinto(self, b):
         n = max(0, min(len(b), self.size - self.pos))
+        if n == 0:
+            return 0
         data = os.pread(self.fd, n, self.offset + self.pos)
         b[:len(data)] = data
         self.pos += len(data)

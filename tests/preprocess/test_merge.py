@@ -248,3 +248,38 @@ def test_a_part_rebuilt_during_the_merge_is_refused(train_tar, tmp_path, monkeyp
     with pytest.raises(MergeError, match="p0: its meta.json changed during the merge"):
         merge(str(tmp_path / "m"), [str(p) for p in parts], quiet=True)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("point", ["before the publish", "between the renames", "before the old split is removed"])
+def test_a_merge_killed_at_each_step_of_its_publish_is_finished_by_the_same_command(train_tar, tmp_path,
+                                                                                   monkeypatch, point):
+    """Replacing an existing split: stopped after its meta.json is written (its marker gone), after OUT was moved
+    aside, or before the old split was removed. The same command then publishes a split equal to an uninterrupted
+    merge and leaves nothing beside OUT (it refused for ever, or left OUT.old-PID)."""
+    from preprocess import build_lmdb, merge as merge_module
+    parts = [str(p) for p in build_parts(train_tar, tmp_path, 2)]
+    merge(str(tmp_path / "ref"), parts, quiet=True)
+    out = tmp_path / "m"
+    build(str(train_tar), str(out), size=24, quiet=True, workers=1)  # the split being replaced
+    with monkeypatch.context() as m:
+        if point == "before the publish":
+            m.setattr(merge_module, "_publish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        elif point == "between the renames":
+            real_rename, calls = os.rename, []
+
+            def rename(src, dst):
+                calls.append(src)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+                real_rename(src, dst)
+            m.setattr(build_lmdb.os, "rename", rename)
+        else:
+            m.setattr(build_lmdb.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            merge(str(out), parts, quiet=True, overwrite=True)
+    proc = run_cli("preprocess.merge", out, *parts, "--overwrite", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert read_plain(out)[1] == read_plain(tmp_path / "ref")[1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.")) == []
+    if point != "before the publish":
+        assert "removed" in proc.stderr and "m.old-" in proc.stderr
