@@ -321,14 +321,17 @@ class Loader:
         nxt = start
         try:
             while nxt < len(batches) or pending:
+                # before touching the pool: in a forked child its threads are gone, and a lock one of them
+                # held at the fork is held for ever
+                check_owner(self._owner)
                 while nxt < len(batches) and len(pending) < ahead:
                     pending.append(self._pool.submit(batches.__getitem__, nxt))
                     nxt += 1
-                check_owner(self._owner)  # the pool's threads are not in a forked child: it would wait for ever
                 yield self._noted(*pending.popleft().result())
         finally:
-            for f in pending:
-                f.cancel()
+            if os.getpid() == self._owner:  # (cancel takes a future's lock: not in a forked child)
+                for f in pending:
+                    f.cancel()
 
     def _processes(self, num_batches, start):
         if self.workers == 0:
