@@ -285,7 +285,9 @@ def test_a_pass_over_an_evaluation_loader_is_always_whole(coded_split, backend):
     assert len(torch.cat([y for _, y in val])) == len(sources)
 
 
-@pytest.mark.parametrize("backend", ["processes"])  # threads: the same checks, but the test hung once in 6 runs
+# threads: a fork while a loader thread is inside an LMDB read hangs the child in lmdb_dataset's at-fork close
+# (py-lmdb's close waits for that read, which never ends in the child): a known defect, not yet fixed
+@pytest.mark.parametrize("backend", ["processes"])
 def test_a_forked_child_cannot_use_its_parents_loader_and_the_parent_goes_on(coded_split, backend):
     """The child gets one clear error (not the parent's results, nor a wait for ever); closing its copy of the
     loader (as its finaliser does at exit) stops nothing of the parent's; the parent's iteration goes on whole.
@@ -307,6 +309,8 @@ def test_a_forked_child_cannot_use_its_parents_loader_and_the_parent_goes_on(cod
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: its own iteration, then the parent's iteration in progress, then its close
+            import faulthandler
+            faulthandler.dump_traceback_later(60, exit=True)  # never outlives the test, whatever hangs
             said = []
             for attempt in (lambda: next(iter(loader)), lambda: next(it)):
                 try:
